@@ -33,4 +33,4 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --workspace --release 2>&1 | tee /tmp/tiercache-test.log
+cargo test --workspace --profile ci 2>&1 | tee /tmp/tiercache-test.log

@@ -9,6 +9,7 @@ pub mod bdev;
 pub mod dma;
 pub mod errno;
 pub mod reactor;
+pub mod sim;
 
 pub use dma::IoBuf;
 pub use errno::Errno;

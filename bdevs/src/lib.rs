@@ -1,1 +1,75 @@
-//! tiercache-bdevs.
+//! tiercache-bdevs: the block-device backends (SPDK's `module/bdev/*`).
+//!
+//! Every backend is one module with the same shape:
+//!
+//! - the device struct (`XBdev`), shared by all reactors, implementing [`Bdev`];
+//! - its per-reactor channel (`XChannel`) implementing [`BdevChannel`];
+//! - `XBdev::create(...) -> Result<Arc<XBdev>, Errno>`;
+//! - `driver_specific()` (module JSON for `bdev_get_bdevs`) and `config_call()` (the SPDK
+//!   RPC that recreates it, for `save_config`).
+//!
+//! | module    | SPDK analogue      | what it is                                            |
+//! |-----------|--------------------|-------------------------------------------------------|
+//! | [`null`]  | `bdev_null`        | completes at once, no data: the engine-overhead floor |
+//! | [`malloc`]| `bdev_malloc`      | RAM, shared by every reactor (striped locks)          |
+//! | [`uring`] | `bdev_uring`       | a file or block device through the reactor's io_uring |
+//! | [`error`] | `bdev_error` + dm-flakey | fault injection over a base bdev               |
+//! | [`delay`] | `bdev_delay`       | latency injection over a base bdev (reactor timers)   |
+//!
+//! Requests reach a channel through the engine's `IoChannel`, which validates them; the
+//! channels still re-check what they rely on ([`check_request`]) so that no request can
+//! make a backend panic: a bad one completes with EINVAL.
+//!
+//! [`Bdev`]: tiercache_engine::bdev::Bdev
+//! [`BdevChannel`]: tiercache_engine::bdev::BdevChannel
+
+pub mod malloc;
+pub mod null;
+
+use tiercache_engine::bdev::{BdevInfo, IoRequest, IoType};
+use tiercache_engine::Errno;
+
+/// Re-check the parts of a request a channel relies on (geometry and buffer). The engine's
+/// `IoChannel` already validated it; this is the backends' defence against a request that
+/// slipped through (a stacked bdev forwarding a wrong one, a direct caller): EINVAL, never
+/// a panic.
+pub fn check_request(info: &BdevInfo, req: &IoRequest) -> Result<(), Errno> {
+    if !info.io_types.contains(req.io_type) {
+        return Err(Errno::ENOTSUP);
+    }
+    if req.io_type == IoType::Flush {
+        return Ok(());
+    }
+    let bs = info.block_size as u64;
+    if bs == 0 || req.len == 0 || req.offset % bs != 0 || req.len % bs != 0 {
+        return Err(Errno::EINVAL);
+    }
+    let end = req.offset.checked_add(req.len).ok_or(Errno::EINVAL)?;
+    if end > info.size_bytes() {
+        return Err(Errno::EINVAL);
+    }
+    if matches!(req.io_type, IoType::Read | IoType::Write) {
+        match &req.buf {
+            Some(b) if b.len() as u64 == req.len => {}
+            _ => return Err(Errno::EINVAL),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of a bdev of `num_blocks` blocks of `block_size`, or EINVAL when the geometry is
+/// not valid (block size other than 512/4096, zero blocks, overflow).
+pub(crate) fn checked_size(num_blocks: u64, block_size: u32) -> Result<u64, Errno> {
+    if !tiercache_engine::bdev::valid_block_size(block_size) || num_blocks == 0 {
+        return Err(Errno::EINVAL);
+    }
+    num_blocks.checked_mul(block_size as u64).filter(|s| *s <= i64::MAX as u64).ok_or(Errno::EINVAL)
+}
+
+/// Bdev names: non-empty, printable, no whitespace or '/' (they become paths and RPC keys).
+pub(crate) fn check_name(name: &str) -> Result<(), Errno> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
+        return Err(Errno::EINVAL);
+    }
+    Ok(())
+}

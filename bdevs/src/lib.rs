@@ -25,6 +25,7 @@
 
 pub mod malloc;
 pub mod null;
+pub mod uring;
 
 use tiercache_engine::bdev::{BdevInfo, IoRequest, IoType};
 use tiercache_engine::Errno;
@@ -41,7 +42,7 @@ pub fn check_request(info: &BdevInfo, req: &IoRequest) -> Result<(), Errno> {
         return Ok(());
     }
     let bs = info.block_size as u64;
-    if bs == 0 || req.len == 0 || req.offset % bs != 0 || req.len % bs != 0 {
+    if bs == 0 || req.len == 0 || !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
         return Err(Errno::EINVAL);
     }
     let end = req.offset.checked_add(req.len).ok_or(Errno::EINVAL)?;

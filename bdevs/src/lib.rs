@@ -23,6 +23,8 @@
 //! [`Bdev`]: tiercache_engine::bdev::Bdev
 //! [`BdevChannel`]: tiercache_engine::bdev::BdevChannel
 
+pub mod delay;
+pub mod error;
 pub mod malloc;
 pub mod null;
 pub mod uring;
@@ -73,4 +75,15 @@ pub(crate) fn check_name(name: &str) -> Result<(), Errno> {
         return Err(Errno::EINVAL);
     }
     Ok(())
+}
+
+/// The RNG seed of the channel on `reactor` for a user seed (error and delay bdevs): each
+/// reactor draws its own deterministic sequence. The order of I/Os across reactors is not
+/// deterministic, so only per-reactor sequences are reproducible.
+pub fn channel_seed(seed: u64, reactor: usize) -> u64 {
+    // splitmix64 of seed + reactor: distinct, well-mixed seeds for neighbouring inputs.
+    let mut z = seed.wrapping_add((reactor as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

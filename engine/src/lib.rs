@@ -6,6 +6,7 @@
 //! - [`errno`]: errors that keep their errno.
 
 pub mod bdev;
+pub mod cache;
 pub mod dma;
 pub mod errno;
 pub mod reactor;

@@ -21,6 +21,7 @@
 
 mod executor;
 mod msg;
+pub mod sync;
 pub mod timer;
 pub mod uring;
 

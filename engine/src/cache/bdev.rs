@@ -1,0 +1,400 @@
+//! The cached bdev: one per backing device attached to a cache set. Its channel holds the
+//! read and write paths (see docs/cache-engine.md).
+
+use std::any::Any;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::join_all;
+
+use super::index::{EntryKind, Hit};
+use super::log::ReactorLog;
+use super::ondisk::CacheMode;
+use super::set::{Backing, CacheSet};
+use crate::bdev::{Bdev, BdevChannel, BdevInfo, IoChannel, IoCompletion, IoFuture, IoRequest, IoType};
+use crate::dma::IoBuf;
+use crate::errno::Errno;
+
+/// A backing device seen through its cache set.
+pub struct CachedBdev {
+    info: BdevInfo,
+    pub(crate) set: Arc<CacheSet>,
+    pub(crate) backing: Arc<Backing>,
+}
+
+impl std::fmt::Debug for CachedBdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedBdev").field("name", &self.info.name).field("cache_set", &self.set.name).finish()
+    }
+}
+
+impl CachedBdev {
+    pub fn new(name: &str, set: Arc<CacheSet>, backing: Arc<Backing>) -> Arc<CachedBdev> {
+        let mut info = BdevInfo::new(name, "tiercache cached bdev", set.block_size(), backing.num_blocks);
+        info.uuid = backing.uuid;
+        info.volatile_cache = true;
+        Arc::new(CachedBdev { info, set, backing })
+    }
+
+    pub fn cache_set(&self) -> &Arc<CacheSet> {
+        &self.set
+    }
+
+    pub fn backing(&self) -> &Arc<Backing> {
+        &self.backing
+    }
+
+    pub fn mode(&self) -> CacheMode {
+        self.backing.mode()
+    }
+
+    pub fn set_mode(&self, m: CacheMode) {
+        self.backing.mode.store(m as u8, Ordering::Release);
+    }
+}
+
+impl Bdev for CachedBdev {
+    fn info(&self) -> &BdevInfo {
+        &self.info
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn BdevChannel>, Errno> {
+        let log = self.set.local()?;
+        let backing_ch = self.backing.desc.channel()?;
+        Ok(Box::new(CachedChannel(Rc::new(Inner { log, backing_ch, backing: self.backing.clone() }))))
+    }
+
+    fn driver(&self) -> &'static str {
+        "cache"
+    }
+
+    fn driver_specific(&self) -> serde_json::Value {
+        serde_json::json!({
+            "cache": {
+                "cache_set": self.set.name,
+                "cache_set_uuid": self.set.uuid.to_string(),
+                "cache_bdev_name": self.set.cache.name(),
+                "core_bdev_name": self.backing.desc.name(),
+                "mode": mode_name(self.mode()),
+                "backing_idx": self.backing.idx.0,
+                "data_offset": self.backing.data_offset,
+            }
+        })
+    }
+
+    fn base_bdevs(&self) -> Vec<String> {
+        vec![self.set.cache.name().to_string(), self.backing.desc.name().to_string()]
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// RPC name of a cache mode.
+pub fn mode_name(m: CacheMode) -> &'static str {
+    match m {
+        CacheMode::WriteBack => "writeback",
+        CacheMode::WriteThrough => "writethrough",
+        CacheMode::WriteAround => "writearound",
+        CacheMode::None => "passthrough",
+    }
+}
+
+/// Parse an RPC cache mode name.
+pub fn parse_mode(s: &str) -> Option<CacheMode> {
+    Some(match s {
+        "writeback" | "wb" => CacheMode::WriteBack,
+        "writethrough" | "wt" => CacheMode::WriteThrough,
+        "writearound" | "wa" => CacheMode::WriteAround,
+        "passthrough" | "pt" | "none" => CacheMode::None,
+        _ => return None,
+    })
+}
+
+struct Inner {
+    log: Rc<ReactorLog>,
+    backing_ch: Rc<IoChannel>,
+    backing: Arc<Backing>,
+}
+
+struct CachedChannel(Rc<Inner>);
+
+impl BdevChannel for CachedChannel {
+    fn submit(&self, io: IoRequest) -> IoFuture {
+        let inner = self.0.clone();
+        IoFuture::boxed(async move { inner.run(io).await })
+    }
+}
+
+/// Where one block of a read comes from.
+#[derive(Clone, Copy)]
+enum Src {
+    Miss,
+    Zero,
+    /// In a RAM buffer (this reactor's or another's) or on the cache device.
+    Cached(Hit),
+}
+
+const MAX_READ_ATTEMPTS: usize = 16;
+
+impl Inner {
+    fn set(&self) -> &Arc<CacheSet> {
+        &self.log.set
+    }
+
+    fn bs(&self) -> u64 {
+        self.set().block_size() as u64
+    }
+
+    async fn run(&self, io: IoRequest) -> IoCompletion {
+        match io.io_type {
+            IoType::Read => {
+                let buf = io.buf.expect("validated read has a buffer");
+                self.read(io.offset, buf).await
+            }
+            IoType::Write => {
+                let buf = io.buf.expect("validated write has a buffer");
+                self.write(io.offset, buf, io.fua).await
+            }
+            IoType::Flush => IoCompletion { status: self.flush().await, buf: None },
+            IoType::Unmap | IoType::WriteZeroes => IoCompletion { status: self.zero(io.offset, io.len).await, buf: None },
+        }
+    }
+
+    // ---- writes ---------------------------------------------------------------------
+
+    async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoCompletion {
+        let status = match self.backing.mode() {
+            CacheMode::WriteBack => self.write_back(offset, &buf, fua).await,
+            CacheMode::WriteThrough => self.write_through(offset, buf, fua).await.map(|b| drop(b)),
+            CacheMode::WriteAround | CacheMode::None => {
+                let r = self.write_around(offset, buf, fua).await;
+                return IoCompletion { status: r.0, buf: r.1 };
+            }
+        };
+        IoCompletion { status, buf: None }
+    }
+
+    async fn write_back(&self, offset: u64, buf: &IoBuf, fua: bool) -> Result<(), Errno> {
+        let bs = self.bs() as usize;
+        let lba0 = offset / bs as u64;
+        let set = self.set();
+        if set.is_failed() {
+            return Err(Errno::EIO);
+        }
+        for (b, block) in buf.chunks_exact(bs).enumerate() {
+            let key = CacheSet::key(self.backing.idx, lba0 + b as u64).ok_or(Errno::EINVAL)?;
+            self.log.put_block(key, Some(block), EntryKind::Dirty).await?;
+        }
+        set.counters.write_blocks.fetch_add((buf.len() / bs) as u64, Ordering::Relaxed);
+        if fua {
+            // Everything this reactor sealed (which includes this write) is written, the
+            // last segment with FUA; earlier segments need the device flushed as well.
+            self.log.seal_and_wait(true).await?;
+            self.log.cache_ch.flush().await.status?;
+        }
+        Ok(())
+    }
+
+    /// Backing device first, then the cache, in series (dm-cache's fix for the
+    /// writethrough/promotion race): the cached copy is never newer than the origin.
+    async fn write_through(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Errno> {
+        let bs = self.bs() as usize;
+        let c = self.backing_ch.write(self.backing.data_offset + offset, buf, fua).await;
+        c.status?;
+        let buf = c.buf.ok_or(Errno::EIO)?;
+        let set = self.set();
+        if !set.is_failed() {
+            let lba0 = offset / bs as u64;
+            for (b, block) in buf.chunks_exact(bs).enumerate() {
+                let key = CacheSet::key(self.backing.idx, lba0 + b as u64).ok_or(Errno::EINVAL)?;
+                if self.log.put_block(key, Some(block), EntryKind::Clean).await.is_err() {
+                    // The origin has the data; drop any cached copy instead.
+                    let _ = self.log.put_block(key, None, EntryKind::Tombstone).await;
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Backing device only; cached copies of the range are invalidated by tombstones.
+    async fn write_around(&self, offset: u64, buf: IoBuf, fua: bool) -> (Result<(), Errno>, Option<IoBuf>) {
+        let bs = self.bs();
+        let n = buf.len() as u64 / bs;
+        let c = self.backing_ch.write(self.backing.data_offset + offset, buf, fua).await;
+        if let Err(e) = c.status {
+            return (Err(e), c.buf);
+        }
+        (self.invalidate(offset / bs, n).await, c.buf)
+    }
+
+    async fn invalidate(&self, lba0: u64, n: u64) -> Result<(), Errno> {
+        for lba in lba0..lba0 + n {
+            let key = CacheSet::key(self.backing.idx, lba).ok_or(Errno::EINVAL)?;
+            if self.log.lookup(key).is_some() {
+                self.log.put_block(key, None, EntryKind::Tombstone).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmap and write-zeroes: the range reads as zeros afterwards.
+    async fn zero(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        let bs = self.bs();
+        let (lba0, n) = (offset / bs, len / bs);
+        match self.backing.mode() {
+            CacheMode::WriteBack => {
+                for lba in lba0..lba0 + n {
+                    let key = CacheSet::key(self.backing.idx, lba).ok_or(Errno::EINVAL)?;
+                    self.log.put_block(key, None, EntryKind::Zero { dirty: true }).await?;
+                }
+                Ok(())
+            }
+            _ => {
+                self.backing_ch.write_zeroes(self.backing.data_offset + offset, len).await.status?;
+                self.invalidate(lba0, n).await
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), Errno> {
+        let set = self.set().clone();
+        set.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        let rounds = (0..set.reactors.len()).map(|r| {
+            let s = set.clone();
+            set.reactors.run_on(r, move || async move {
+                match s.existing_local() {
+                    Some(log) => log.seal_and_wait(false).await,
+                    None => Ok(()),
+                }
+            })
+        });
+        for r in join_all(rounds).await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Errno::ESHUTDOWN),
+            }
+        }
+        if set.is_failed() {
+            return Err(Errno::EIO);
+        }
+        self.log.cache_ch.flush().await.status?;
+        if self.backing.mode() != CacheMode::WriteBack {
+            self.backing_ch.flush().await.status?;
+        }
+        Ok(())
+    }
+
+    // ---- reads ----------------------------------------------------------------------
+
+    async fn read(&self, offset: u64, mut buf: IoBuf) -> IoCompletion {
+        let bs = self.bs() as usize;
+        let lba0 = offset / bs as u64;
+        let n = buf.len() / bs;
+        let set = self.set().clone();
+        let mut todo: Vec<usize> = (0..n).collect();
+        let mut hits = 0usize;
+        for attempt in 0..MAX_READ_ATTEMPTS {
+            let mut srcs = Vec::with_capacity(todo.len());
+            for &b in &todo {
+                let key = match CacheSet::key(self.backing.idx, lba0 + b as u64) {
+                    Some(k) => k,
+                    None => return IoCompletion::err(Errno::EINVAL, Some(buf)),
+                };
+                srcs.push(match self.log.lookup(key) {
+                    None => Src::Miss,
+                    Some(h) if h.zero => Src::Zero,
+                    Some(h) => Src::Cached(h),
+                });
+            }
+            if attempt == 0 {
+                hits = srcs.iter().filter(|s| !matches!(s, Src::Miss)).count();
+                if srcs.iter().all(|s| matches!(s, Src::Miss)) {
+                    // Whole request uncached: straight from the backing device.
+                    set.counters.read_misses.fetch_add(1, Ordering::Relaxed);
+                    let c = self.backing_ch.read(self.backing.data_offset + offset, buf).await;
+                    return c;
+                }
+            }
+            let mut retry = Vec::new();
+            // Misses: one backing read per contiguous run.
+            let mut i = 0;
+            while i < todo.len() {
+                if !matches!(srcs[i], Src::Miss) {
+                    i += 1;
+                    continue;
+                }
+                let start = i;
+                while i < todo.len() && matches!(srcs[i], Src::Miss) && todo[i] == todo[start] + (i - start) {
+                    i += 1;
+                }
+                let (b0, cnt) = (todo[start], i - start);
+                let off = self.backing.data_offset + (lba0 + b0 as u64) * bs as u64;
+                let c = self.backing_ch.read(off, IoBuf::new(cnt * bs)).await;
+                if let Err(e) = c.status {
+                    return IoCompletion::err(e, Some(buf));
+                }
+                if let Some(data) = c.buf {
+                    buf[b0 * bs..(b0 + cnt) * bs].copy_from_slice(&data);
+                }
+            }
+            // Cached blocks: RAM (here or on the owning reactor) or the cache device.
+            for (k, &b) in todo.iter().enumerate() {
+                match srcs[k] {
+                    Src::Miss => {}
+                    Src::Zero => buf[b * bs..(b + 1) * bs].fill(0),
+                    Src::Cached(h) => match self.read_cached(&set, h).await {
+                        Ok(Some(data)) => buf[b * bs..(b + 1) * bs].copy_from_slice(&data),
+                        Ok(None) => retry.push(b),
+                        Err(e) => return IoCompletion::err(e, Some(buf)),
+                    },
+                }
+            }
+            if retry.is_empty() {
+                let c = if hits == n { &set.counters.read_hits } else { &set.counters.read_partial_hits };
+                c.fetch_add(1, Ordering::Relaxed);
+                return IoCompletion::ok(Some(buf));
+            }
+            todo = retry;
+        }
+        log::error!("cache set {}: read at {offset} kept racing segment reuse; giving up", set.name);
+        IoCompletion::err(Errno::EIO, Some(buf))
+    }
+
+    /// One cached block. Ok(None): the segment was reused under us; look it up again.
+    async fn read_cached(&self, set: &Arc<CacheSet>, h: Hit) -> Result<Option<IoBuf>, Errno> {
+        let owner = set.ram_owner[h.segment.0 as usize].load(Ordering::Acquire);
+        if owner != 0 {
+            let owner = owner as usize - 1;
+            let data = if owner == self.log.reactor() {
+                self.log.copy_slot(h.segment, h.version.index).await
+            } else {
+                let s = set.clone();
+                let (seg, idx) = (h.segment, h.version.index);
+                set.reactors
+                    .run_on(owner, move || async move {
+                        match s.existing_local() {
+                            Some(l) => l.copy_slot(seg, idx).await,
+                            None => None,
+                        }
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            if let Some(d) = data {
+                return Ok(set.index.still_valid(&h).then_some(d));
+            }
+        }
+        if set.is_failed() {
+            return Err(Errno::EIO);
+        }
+        let off = set.geom.slot_id_offset(h.slot);
+        let c = self.log.cache_ch.read(off, IoBuf::new(set.block_size() as usize)).await;
+        c.status?;
+        Ok(if set.index.still_valid(&h) { c.buf } else { None })
+    }
+}

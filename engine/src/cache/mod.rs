@@ -1,0 +1,24 @@
+//! The cache engine: a log-structured write-back cache (dm-writeboost's design) for
+//! pinned polling reactors. The I/O design is in `docs/cache-engine.md`.
+//!
+//! * [`ondisk`] — the on-disk format of a cache set: the alternating
+//!   superblock copies, backing-device headers, log segments of 16-byte block
+//!   records, layout math and validation (`docs/on-disk-format.md`).
+//! * [`index`] — the lock-free block index shared by all reactors, with
+//!   QSBR-based slot reclamation (`docs/index-concurrency.md`).
+//! * [`set`] — a cache set: format, load (recovery), attach, superblock updates.
+//! * [`log`] — per-reactor segment buffers: place, seal, write.
+//! * [`bdev`] — the cached bdev and its read/write/flush paths.
+//! * [`writeback`] — writeback of dirty data and reclaim of segments, on a migration
+//!   thread.
+
+pub mod bdev;
+pub mod index;
+pub mod log;
+pub mod ondisk;
+pub mod set;
+pub mod writeback;
+
+pub use bdev::{mode_name, parse_mode, CachedBdev};
+pub use ondisk::CacheMode;
+pub use set::{format, load, CacheError, CacheOptions, CacheSet};

@@ -1,0 +1,539 @@
+//! The cache set: one cache device, its log, its index, and the backing devices attached
+//! to it. Format, load (recovery), attach and superblock updates live here; the per-reactor
+//! write buffers are in `log.rs`, the cached bdev's I/O paths in `bdev.rs`, writeback and
+//! segment reclaim in `writeback.rs`.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use uuid::Uuid;
+
+use super::index::{BackingIdx, BlockIndex, BlockKey, EntryKind, FreeSegment, Lba, SegmentId, Seq};
+use super::ondisk::{
+    self, format_superblock, load_superblock, BackingHeaderOnDisk, CacheMode, FormatError,
+    FormatParams, LoadedSuperblock, SegmentGeometry, SuperblockCopy, SuperblockExpect, SuperblockOnDisk,
+    DEFAULT_DATA_OFFSET, SUPERBLOCK_SLOT_SIZE,
+};
+use crate::bdev::{BdevDesc, IoChannel};
+use crate::dma::IoBuf;
+use crate::errno::Errno;
+use crate::reactor::{self, ReactorSet};
+
+/// Why a cache set could not be created or loaded. Keeps the errno for RPC replies.
+#[derive(Debug)]
+pub enum CacheError {
+    /// The device's contents are not an acceptable cache (bad magic, version, geometry...).
+    Format(FormatError),
+    /// An I/O or resource error.
+    Io(Errno, String),
+    /// A request that makes no sense (bad option, wrong device).
+    Invalid(String),
+}
+
+impl CacheError {
+    pub fn errno(&self) -> Errno {
+        match self {
+            CacheError::Format(_) => Errno::EILSEQ,
+            CacheError::Io(e, _) => *e,
+            CacheError::Invalid(_) => Errno::EINVAL,
+        }
+    }
+}
+
+impl std::fmt::Display for CacheError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheError::Format(e) => write!(f, "{e}"),
+            CacheError::Io(e, what) => write!(f, "{what}: {e}"),
+            CacheError::Invalid(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for CacheError {}
+
+impl From<FormatError> for CacheError {
+    fn from(e: FormatError) -> Self {
+        CacheError::Format(e)
+    }
+}
+
+/// Cache set options (RPC `bdev_cache_create` / `bdev_cache_set_options`).
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// Segment size in bytes (power of two, 128 KiB – 4 MiB). Used when formatting.
+    pub segment_size: u32,
+    /// Cache block size (512 or 4096). Used when formatting.
+    pub block_size: u32,
+    /// Seal a partly filled segment after this long without writes.
+    pub seal_idle: Duration,
+    /// Reactor that runs writeback and reclaim (default: the last one).
+    pub migration_reactor: Option<usize>,
+    /// Start writeback when fewer than this fraction of segments are free (percent).
+    pub writeback_free_low_percent: u32,
+    /// Longest a write waits for log space before it fails (never forever).
+    pub space_wait_limit: Duration,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            segment_size: ondisk::DEFAULT_SEGMENT_SIZE,
+            block_size: 4096,
+            seal_idle: Duration::from_millis(20),
+            migration_reactor: None,
+            writeback_free_low_percent: 25,
+            space_wait_limit: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A backing device attached to the set.
+pub struct Backing {
+    pub idx: BackingIdx,
+    pub uuid: Uuid,
+    pub desc: BdevDesc,
+    /// Byte offset of block 0 of the cached volume on the backing device.
+    pub data_offset: u64,
+    /// Size of the cached volume in cache blocks.
+    pub num_blocks: u64,
+    pub mode: AtomicU8,
+}
+
+impl Backing {
+    pub fn mode(&self) -> CacheMode {
+        match self.mode.load(Ordering::Acquire) {
+            1 => CacheMode::WriteThrough,
+            2 => CacheMode::WriteAround,
+            3 => CacheMode::None,
+            _ => CacheMode::WriteBack,
+        }
+    }
+}
+
+/// Counters of a cache set.
+#[derive(Default)]
+pub struct SetCounters {
+    pub read_hits: AtomicU64,
+    pub read_partial_hits: AtomicU64,
+    pub read_misses: AtomicU64,
+    pub write_blocks: AtomicU64,
+    pub write_overwrites_in_buffer: AtomicU64,
+    pub segments_sealed: AtomicU64,
+    pub segments_written: AtomicU64,
+    pub segment_write_errors: AtomicU64,
+    pub conflict_seals: AtomicU64,
+    pub flushes: AtomicU64,
+    pub writeback_blocks: AtomicU64,
+    pub segments_reclaimed: AtomicU64,
+    pub space_waits: AtomicU64,
+}
+
+/// A sealed segment waiting for writeback/reclaim, by seq.
+pub(crate) struct SealedSeg {
+    pub seg: SegmentId,
+    pub written: bool,
+}
+
+static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
+/// Per-reactor storage keys of cache sets (below the bdev channel key range).
+pub(crate) const SET_KEY_BASE: u64 = 1 << 62;
+
+/// A cache set. Shared by every reactor (`Arc`).
+pub struct CacheSet {
+    pub(crate) id: u64,
+    pub name: String,
+    pub uuid: Uuid,
+    pub(crate) cache: BdevDesc,
+    pub(crate) geom: SegmentGeometry,
+    pub(crate) index: BlockIndex,
+    pub(crate) reactors: ReactorSet,
+    pub(crate) opts: RwLock<CacheOptions>,
+    /// The superblock as last persisted. Updates are serialized by `sb_update`.
+    pub(crate) sb: Mutex<LoadedSuperblock>,
+    pub(crate) sb_update: futures::lock::Mutex<()>,
+    /// Segments ready to open, oldest reclaimed first.
+    pub(crate) free: ArrayQueue<FreeSegment>,
+    /// Per segment: 1 + the reactor whose RAM buffer holds it (open or being written), or 0.
+    pub(crate) ram_owner: Box<[AtomicU32]>,
+    /// Sealed segments by seq (writeback and reclaim take them oldest first).
+    pub(crate) sealed: Mutex<BTreeMap<u64, SealedSeg>>,
+    pub(crate) backings: RwLock<Vec<Option<Arc<Backing>>>>,
+    pub(crate) counters: SetCounters,
+    /// Set when a fatal cache-device error happened: no new log writes.
+    pub(crate) failed: AtomicBool,
+    pub(crate) stopping: AtomicBool,
+    /// The index's only reclaim capability; taken by the writeback task while it runs.
+    pub(crate) reclaimer: Mutex<Option<super::index::Reclaimer>>,
+    pub(crate) kick: super::writeback::Kick,
+    pub(crate) migration_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(crate) drain_requested: AtomicBool,
+}
+
+impl CacheSet {
+    fn build(
+        name: &str,
+        cache: BdevDesc,
+        reactors: ReactorSet,
+        loaded: LoadedSuperblock,
+        opts: CacheOptions,
+    ) -> Result<CacheSet, CacheError> {
+        let geom = loaded.sb.geometry()?;
+        let nr_segments = loaded.sb.nr_segments;
+        if nr_segments < 4 {
+            return Err(CacheError::Invalid(format!(
+                "cache device too small: {nr_segments} segments of {} KiB (need at least 4)",
+                geom.segment_size() / 1024
+            )));
+        }
+        let index = BlockIndex::new(nr_segments, geom.slots_per_segment())
+            .map_err(|e| CacheError::Invalid(format!("index: {e}")))?;
+        Ok(CacheSet {
+            id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
+            name: name.to_string(),
+            uuid: loaded.sb.cache_set(),
+            cache,
+            geom,
+            index,
+            reactors,
+            opts: RwLock::new(opts),
+            sb: Mutex::new(loaded),
+            sb_update: futures::lock::Mutex::new(()),
+            free: ArrayQueue::new(nr_segments as usize),
+            ram_owner: (0..nr_segments).map(|_| AtomicU32::new(0)).collect(),
+            sealed: Mutex::new(BTreeMap::new()),
+            backings: RwLock::new(vec![None; ondisk::MAX_BACKING]),
+            counters: SetCounters::default(),
+            failed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            reclaimer: Mutex::new(None),
+            kick: Default::default(),
+            migration_thread: Mutex::new(None),
+            drain_requested: AtomicBool::new(false),
+        })
+    }
+
+    pub fn geometry(&self) -> &SegmentGeometry {
+        &self.geom
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.geom.block_size()
+    }
+
+    pub fn options(&self) -> CacheOptions {
+        self.opts.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_options(&self, o: CacheOptions) {
+        *self.opts.write().unwrap_or_else(|e| e.into_inner()) = o;
+    }
+
+    pub fn cache_desc(&self) -> &BdevDesc {
+        &self.cache
+    }
+
+    pub fn index(&self) -> &BlockIndex {
+        &self.index
+    }
+
+    pub fn reactors(&self) -> &ReactorSet {
+        &self.reactors
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn backing(&self, idx: BackingIdx) -> Option<Arc<Backing>> {
+        self.backings.read().unwrap_or_else(|e| e.into_inner()).get(idx.0 as usize).cloned().flatten()
+    }
+
+    pub fn backings(&self) -> Vec<Arc<Backing>> {
+        self.backings.read().unwrap_or_else(|e| e.into_inner()).iter().flatten().cloned().collect()
+    }
+
+    /// Number of free segments.
+    pub fn free_segments(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn nr_segments(&self) -> u32 {
+        self.index.nr_segments()
+    }
+
+    /// Reactor that runs writeback/reclaim.
+    pub(crate) fn migration_reactor(&self) -> usize {
+        let n = self.reactors.len();
+        self.options().migration_reactor.filter(|r| *r < n).unwrap_or(n - 1)
+    }
+
+    pub(crate) fn mark_failed(&self, why: &str, e: Errno) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            log::error!("cache set {}: cache device failed ({why}: {e}); no further log writes", self.name);
+        }
+    }
+
+    /// Snapshot of the superblock in force.
+    pub fn superblock(&self) -> SuperblockOnDisk {
+        self.sb.lock().unwrap_or_else(|e| e.into_inner()).sb.clone()
+    }
+
+    /// Persist a superblock edit: write the other copy, flush the cache device, then make
+    /// it the one in force. Serialized; runs on a reactor.
+    pub(crate) async fn update_superblock(
+        &self,
+        edit: impl FnOnce(&mut SuperblockOnDisk),
+    ) -> Result<(), CacheError> {
+        let _g = self.sb_update.lock().await;
+        let pending = {
+            let sb = self.sb.lock().unwrap_or_else(|e| e.into_inner());
+            sb.begin_update(edit)?
+        };
+        let ch = self.cache.channel().map_err(|e| CacheError::Io(e, "cache channel".into()))?;
+        let bytes = pending.bytes();
+        let mut buf = IoBuf::new(bytes.len());
+        buf.copy_from_slice(&bytes);
+        let c = ch.write(pending.target.offset(), buf, true).await;
+        c.status.map_err(|e| CacheError::Io(e, "superblock write".into()))?;
+        let c = ch.flush().await;
+        c.status.map_err(|e| CacheError::Io(e, "cache flush after superblock write".into()))?;
+        self.sb.lock().unwrap_or_else(|e| e.into_inner()).complete_update(pending);
+        Ok(())
+    }
+
+    /// The per-reactor log state of this set on the calling reactor.
+    pub(crate) fn local(self: &Arc<Self>) -> Result<Rc<super::log::ReactorLog>, Errno> {
+        let mut err = None;
+        let v = reactor::local_storage(SET_KEY_BASE | self.id, || match super::log::ReactorLog::new(self.clone()) {
+            Ok(l) => Some(Rc::new(l)),
+            Err(e) => {
+                err = Some(e);
+                None
+            }
+        });
+        match v {
+            Some(l) => Ok((*l).clone()),
+            None => Err(err.unwrap_or(Errno::ENXIO)),
+        }
+    }
+
+    pub(crate) fn existing_local(&self) -> Option<Rc<super::log::ReactorLog>> {
+        reactor::local_storage::<Rc<super::log::ReactorLog>>(SET_KEY_BASE | self.id, || None).map(|l| (*l).clone())
+    }
+}
+
+async fn read_exact(ch: &Rc<IoChannel>, offset: u64, len: usize) -> Result<IoBuf, CacheError> {
+    let c = ch.read(offset, IoBuf::new(len)).await;
+    c.status.map_err(|e| CacheError::Io(e, format!("read of {len} bytes at {offset}")))?;
+    c.buf.ok_or_else(|| CacheError::Io(Errno::EIO, "read returned no buffer".into()))
+}
+
+/// Format `cache` as a new, empty cache set. Explicit and destructive: only this function
+/// writes a fresh superblock. Runs on a reactor.
+pub async fn format(
+    name: &str,
+    cache: BdevDesc,
+    reactors: ReactorSet,
+    opts: CacheOptions,
+) -> Result<Arc<CacheSet>, CacheError> {
+    let info = cache.bdev().info().clone();
+    if opts.block_size < info.block_size || opts.block_size % info.block_size != 0 {
+        return Err(CacheError::Invalid(format!(
+            "cache block size {} is not a multiple of the cache device's block size {}",
+            opts.block_size, info.block_size
+        )));
+    }
+    let sb = format_superblock(FormatParams {
+        cache_set: Uuid::new_v4(),
+        block_size: opts.block_size,
+        segment_size: opts.segment_size,
+        device_size: info.size_bytes(),
+    })?;
+    let ch = cache.channel().map_err(|e| CacheError::Io(e, "cache channel".into()))?;
+    // Both copies, then a flush: a fresh set always has two valid superblocks.
+    for copy in [SuperblockCopy::A, SuperblockCopy::B] {
+        let bytes = sb.encode_slot();
+        let c = ch.write(copy.offset(), IoBuf::from_slice(&bytes), false).await;
+        c.status.map_err(|e| CacheError::Io(e, "superblock write".into()))?;
+    }
+    let c = ch.flush().await;
+    c.status.map_err(|e| CacheError::Io(e, "cache flush".into()))?;
+    let set = Arc::new(CacheSet::build(name, cache, reactors, LoadedSuperblock::formatted(sb), opts)?);
+    set.init_free_segments()?;
+    set.start_migration();
+    log::info!(
+        "cache set {name} ({}): formatted {} segments of {} KiB, {} slots",
+        set.uuid,
+        set.nr_segments(),
+        set.geom.segment_size() / 1024,
+        set.index.nr_slots()
+    );
+    Ok(set)
+}
+
+impl CacheSet {
+    fn init_free_segments(&self) -> Result<(), CacheError> {
+        let mut r = self.index.reclaimer().ok_or_else(|| CacheError::Invalid("reclaimer already taken".into()))?;
+        for f in self.index.take_unused(&mut r).map_err(|e| CacheError::Invalid(format!("{e}")))? {
+            if self.free.push(f).is_err() {
+                return Err(CacheError::Invalid("free segment queue overflow".into()));
+            }
+        }
+        // The reclaimer token goes to the writeback task.
+        *self.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        Ok(())
+    }
+}
+
+/// Open an existing cache set: validate the superblock, scan and verify the log, replay
+/// it into a fresh index in seq order. Never formats. Runs on a reactor.
+pub async fn load(
+    name: &str,
+    cache: BdevDesc,
+    reactors: ReactorSet,
+    opts: CacheOptions,
+) -> Result<Arc<CacheSet>, CacheError> {
+    let started = Instant::now();
+    let info = cache.bdev().info().clone();
+    let ch = cache.channel().map_err(|e| CacheError::Io(e, "cache channel".into()))?;
+    let head = read_exact(&ch, 0, 2 * SUPERBLOCK_SLOT_SIZE).await?;
+    let expect = SuperblockExpect { block_size: None, segment_size: None, device_size: info.size_bytes() };
+    let loaded = load_superblock(&head[..SUPERBLOCK_SLOT_SIZE], &head[SUPERBLOCK_SLOT_SIZE..], &expect)?;
+    if let Some(e) = &loaded.other_error {
+        log::warn!("cache set {name}: one superblock copy is invalid ({e}); using the other");
+    }
+    let horizon = loaded.sb.writeback_seq;
+    let set = Arc::new(CacheSet::build(name, cache, reactors, loaded, opts)?);
+    let geom = set.geom;
+    let hdr = geom.header_bytes();
+    let bs = geom.block_size() as usize;
+
+    // 1. Every segment header; keep the plausible ones above the replay horizon.
+    let mut candidates: Vec<(u64, SegmentId, u32)> = Vec::new();
+    for k in 0..set.nr_segments() {
+        let seg = SegmentId(k);
+        let h = read_exact(&ch, geom.segment_offset(seg), hdr).await?;
+        match ondisk::decode_segment_header(&geom, set.uuid, seg, &h) {
+            Ok(s) if s.header.seq > horizon => candidates.push((s.header.seq, seg, s.header.nr_records)),
+            Ok(_) => {}
+            Err(_) => {}
+        }
+    }
+    candidates.sort_unstable();
+
+    // 2. Verify each candidate whole, replay valid ones in seq order.
+    let participant = set.index.register();
+    let mut replayed = 0u64;
+    let mut skipped = 0u64;
+    let mut records = 0u64;
+    for (seq, seg, n) in candidates {
+        let len = hdr + n as usize * bs;
+        let whole = read_exact(&ch, geom.segment_offset(seg), len).await?;
+        let valid = match ondisk::verify_segment(&geom, set.uuid, seg, &whole[..hdr], &whole[hdr..]) {
+            Ok(v) => v,
+            Err(e) => {
+                log::info!("cache set {name}: segment {} (seq {seq}) skipped: {e}", seg.0);
+                skipped += 1;
+                continue;
+            }
+        };
+        let open = set
+            .index
+            .recover_segment(seg, Seq(seq))
+            .map_err(|e| CacheError::Invalid(format!("replaying segment {}: {e}", seg.0)))?;
+        for (i, r) in valid.records.iter().enumerate() {
+            let Some(kind) = EntryKind::from_record_flags(r.flags) else { continue };
+            let Some(key) = BlockKey::new(r.backing(), r.lba()) else { continue };
+            // An older version than what is installed is simply not the newest: skip it.
+            let _ = set.index.install(&participant, &open, i as u32, key, kind);
+            records += 1;
+        }
+        set.index.seal(open).map_err(|e| CacheError::Invalid(format!("{e}")))?;
+        set.sealed.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, SealedSeg { seg, written: true });
+        replayed += 1;
+    }
+    set.index.advance_seq_past(Seq(horizon));
+    drop(participant);
+    set.init_free_segments()?;
+    set.start_migration();
+    log::info!(
+        "cache set {name} ({}): recovered {replayed} segments ({records} records, {skipped} torn/invalid skipped) in {:?}",
+        set.uuid,
+        started.elapsed()
+    );
+    Ok(set)
+}
+
+impl CacheSet {
+    /// Attach a backing bdev: re-attach by the UUID in its header, or register it (writing
+    /// its header) if it carries none. Refuses a device that belongs to another cache set.
+    /// Runs on a reactor.
+    pub async fn attach(self: &Arc<Self>, backing: BdevDesc, mode: CacheMode) -> Result<Arc<Backing>, CacheError> {
+        let binfo = backing.bdev().info().clone();
+        let bs = self.block_size();
+        if bs % binfo.block_size != 0 {
+            return Err(CacheError::Invalid(format!(
+                "backing bdev {} has block size {}, which does not divide the cache block size {bs}",
+                binfo.name, binfo.block_size
+            )));
+        }
+        if binfo.size_bytes() <= DEFAULT_DATA_OFFSET + bs as u64 {
+            return Err(CacheError::Invalid(format!("backing bdev {} is too small", binfo.name)));
+        }
+        let ch = backing.channel().map_err(|e| CacheError::Io(e, "backing channel".into()))?;
+        let head = read_exact(&ch, 0, 4096.max(binfo.block_size as usize)).await?;
+        let existing = match BackingHeaderOnDisk::decode(&head[..BackingHeaderOnDisk::SIZE]) {
+            Ok(h) => Some(h),
+            Err(FormatError::NotABackingDevice) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let (idx, uuid, data_offset, data_blocks) = match existing {
+            Some(h) if h.cache_set() == self.uuid => {
+                let idx = self.superblock().attach_backing(&h)?;
+                (idx, h.backing(), h.data_offset, h.data_size / bs as u64)
+            }
+            Some(h) => {
+                return Err(CacheError::Format(FormatError::ForeignCacheSet { expected: self.uuid, found: h.cache_set() }))
+            }
+            None => {
+                let uuid = Uuid::new_v4();
+                let data_offset = DEFAULT_DATA_OFFSET;
+                let data_blocks = (binfo.size_bytes() - data_offset) / bs as u64;
+                let mut idx = None;
+                let mut err = None;
+                self.update_superblock(|sb| match sb.register_backing(uuid, data_blocks, mode) {
+                    Ok(i) => idx = Some(i),
+                    Err(e) => err = Some(e),
+                })
+                .await?;
+                if let Some(e) = err {
+                    return Err(e.into());
+                }
+                let idx = idx.ok_or_else(|| CacheError::Invalid("backing registration failed".into()))?;
+                let h = BackingHeaderOnDisk::new(uuid, self.uuid, idx, data_offset, data_blocks * bs as u64)?;
+                let mut buf = IoBuf::zeroed(4096.max(binfo.block_size as usize));
+                buf[..BackingHeaderOnDisk::SIZE].copy_from_slice(&h.encode());
+                let c = ch.write(0, buf, true).await;
+                c.status.map_err(|e| CacheError::Io(e, "backing header write".into()))?;
+                (idx, uuid, data_offset, data_blocks)
+            }
+        };
+        let b = Arc::new(Backing { idx, uuid, desc: backing, data_offset, num_blocks: data_blocks, mode: AtomicU8::new(mode as u8) });
+        let mut slots = self.backings.write().unwrap_or_else(|e| e.into_inner());
+        if slots[idx.0 as usize].is_some() {
+            return Err(CacheError::Io(Errno::EBUSY, format!("backing index {} is already attached", idx.0)));
+        }
+        slots[idx.0 as usize] = Some(b.clone());
+        Ok(b)
+    }
+
+    /// Key of a block of a backing device.
+    pub(crate) fn key(idx: BackingIdx, lba: u64) -> Option<BlockKey> {
+        BlockKey::new(idx, Lba(lba))
+    }
+}

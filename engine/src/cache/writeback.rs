@@ -1,0 +1,292 @@
+//! Writeback and segment reclaim, on a dedicated migration thread per cache set.
+//!
+//! The log is drained strictly in seq order (docs/cache-engine.md): the oldest sealed,
+//! written segment has its live dirty blocks copied to their backing devices (sorted by
+//! LBA, adjacent blocks merged), the backing devices are flushed, the blocks are marked
+//! clean, `writeback_seq` is persisted in the superblock, and only then is the segment
+//! reclaimed (two QSBR grace periods) and put back on the free queue.
+//!
+//! The thread only decides and waits; every I/O runs on the set's migration reactor
+//! (`ReactorSet::block_on`), through the same channels as foreground I/O. Whatever way the
+//! thread exits (stop, error), it drops everything it holds — its `Arc<CacheSet>` and the
+//! index's reclaimer — so retiring a set always completes (seed 001).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+
+use super::index::{DirtySlot, Reclaimer, Seq};
+use super::set::CacheSet;
+use crate::dma::IoBuf;
+use crate::errno::Errno;
+
+/// Wakes the migration thread.
+#[derive(Default)]
+pub(crate) struct Kick {
+    pending: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Kick {
+    pub(crate) fn kick(&self) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        *p = true;
+        self.cv.notify_one();
+    }
+
+    fn wait(&self, timeout: Duration) {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut p, _) = self.cv.wait_timeout_while(p, timeout, |p| !*p).unwrap_or_else(|e| e.into_inner());
+        *p = false;
+    }
+}
+
+/// Grace periods of the reclaimer never wait longer than this.
+const GRACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Blocks per merged backing write.
+const MAX_RUN_BLOCKS: usize = 256;
+
+impl CacheSet {
+    /// Free segments below which writeback starts.
+    fn low_watermark(&self) -> usize {
+        let pct = self.options().writeback_free_low_percent.clamp(1, 90) as usize;
+        let n = self.nr_segments() as usize;
+        (n * pct / 100).max(self.reactors.len() + 2).min(n.saturating_sub(1))
+    }
+
+    pub(crate) fn kick_migration(&self) {
+        self.kick.kick();
+    }
+
+    pub(crate) fn kick_migration_if_low(&self) {
+        if self.free.len() < self.low_watermark() {
+            self.kick.kick();
+        }
+    }
+
+    /// Start the migration thread (once).
+    pub(crate) fn start_migration(self: &Arc<Self>) {
+        let mut slot = self.migration_thread.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let set = self.clone();
+        let name = format!("migrate-{}", self.name);
+        match std::thread::Builder::new().name(name).spawn(move || migration_main(set)) {
+            Ok(h) => *slot = Some(h),
+            Err(e) => log::error!("cache set {}: cannot start the migration thread: {e}", self.name),
+        }
+    }
+
+    /// Stop the migration thread and wait for it; it releases everything it holds.
+    pub fn stop_migration(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.kick.kick();
+        let h = self.migration_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = h {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Ask for every dirty block to be written back (flush / detach).
+    pub fn request_drain(&self) {
+        self.drain_requested.store(true, Ordering::Release);
+        self.kick.kick();
+    }
+
+    /// Live dirty blocks in the whole set.
+    pub fn dirty_blocks(&self) -> u64 {
+        (0..self.nr_segments())
+            .filter_map(|s| self.index.segment_info(super::index::SegmentId(s)).ok())
+            .map(|i| i.dirty as u64)
+            .sum()
+    }
+}
+
+fn migration_main(set: Arc<CacheSet>) {
+    let reclaimer = set.reclaimer.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(mut reclaimer) = reclaimer else {
+        log::error!("cache set {}: no reclaimer for the migration thread", set.name);
+        return;
+    };
+    while !set.stopping.load(Ordering::Acquire) {
+        set.kick.wait(Duration::from_millis(100));
+        loop {
+            if set.stopping.load(Ordering::Acquire) || set.is_failed() {
+                break;
+            }
+            let drain = set.drain_requested.load(Ordering::Acquire);
+            if !drain && set.free.len() >= set.low_watermark() {
+                break;
+            }
+            match step(&set, &mut reclaimer, drain) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if drain && set.dirty_blocks() == 0 {
+                        set.drain_requested.store(false, Ordering::Release);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("cache set {}: writeback step failed: {e}; retrying", set.name);
+                    std::thread::sleep(Duration::from_millis(100));
+                    break;
+                }
+            }
+        }
+    }
+    // Give the reclaimer back so a restarted thread can use it; drop our Arc.
+    *set.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
+}
+
+/// Process the oldest sealed segment. Ok(true): progress; Ok(false): nothing to do now.
+fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<bool, Errno> {
+    let oldest = {
+        let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        sealed.iter().next().map(|(seq, s)| (*seq, s.seg, s.written))
+    };
+    let Some((seq, seg, written)) = oldest else {
+        if drain {
+            seal_everywhere(set);
+        }
+        return Ok(false);
+    };
+    if !written {
+        std::thread::sleep(Duration::from_millis(1));
+        return Ok(true);
+    }
+    // 1. Copy live dirty blocks to the backing devices, flush them, mark clean.
+    let mut part = set.index.register();
+    let dirty = set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?;
+    part.offline();
+    if !dirty.is_empty() {
+        write_back(set, dirty.clone())?;
+        part.online();
+        for d in &dirty {
+            set.index.mark_clean(&part, d.slot, d.gen);
+        }
+        part.offline();
+        set.counters.writeback_blocks.fetch_add(dirty.len() as u64, Ordering::Relaxed);
+    }
+    drop(part);
+    // 2. Everything up to `seq` must be clean before writeback_seq may move there: an
+    //    older segment still open on some reactor would otherwise be ignored at replay.
+    if set.index.clean_watermark().0 <= seq {
+        seal_everywhere(set);
+        std::thread::sleep(Duration::from_millis(1));
+        return Ok(true);
+    }
+    let s = set.clone();
+    set.reactors
+        .block_on(set.migration_reactor(), move || async move { s.update_superblock(|sb| sb.writeback_seq = sb.writeback_seq.max(seq)).await })
+        .map_err(|_| Errno::ESHUTDOWN)?
+        .map_err(|e| e.errno())?;
+    // 3. Reclaim: the segment's entries leave the index, then it is free again.
+    let persisted = Seq(set.superblock().writeback_seq);
+    let started = set.index.begin_reclaim(reclaimer, seg, persisted).map_err(|e| {
+        log::error!("cache set {}: begin_reclaim({}): {e}", set.name, seg.0);
+        Errno::EIO
+    })?;
+    let unlinked = match set.index.unlink_segment(reclaimer, started, GRACE_TIMEOUT) {
+        Ok(u) => u,
+        Err((_, e)) => {
+            log::error!("cache set {}: unlink({}): {e}", set.name, seg.0);
+            return Err(Errno::ETIMEDOUT);
+        }
+    };
+    let free = match set.index.release_segment(reclaimer, unlinked, GRACE_TIMEOUT) {
+        Ok(f) => f,
+        Err((_, e)) => {
+            log::error!("cache set {}: release({}): {e}", set.name, seg.0);
+            return Err(Errno::ETIMEDOUT);
+        }
+    };
+    set.sealed.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+    if set.free.push(free).is_err() {
+        log::error!("cache set {}: free queue overflow", set.name);
+    }
+    set.counters.segments_reclaimed.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+/// Ask every reactor to seal its open segment (so the oldest seq can move on).
+fn seal_everywhere(set: &Arc<CacheSet>) {
+    for r in 0..set.reactors.len() {
+        let s = set.clone();
+        let _ = set.reactors.block_on(r, move || async move {
+            if let Some(l) = s.existing_local() {
+                l.seal(false);
+            }
+        });
+    }
+}
+
+/// Copy `dirty` blocks to their backing devices and flush those devices.
+fn write_back(set: &Arc<CacheSet>, mut dirty: Vec<DirtySlot>) -> Result<(), Errno> {
+    dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
+    let s = set.clone();
+    set.reactors
+        .block_on(set.migration_reactor(), move || async move { write_back_on_reactor(&s, &dirty).await })
+        .map_err(|_| Errno::ESHUTDOWN)?
+}
+
+async fn write_back_on_reactor(set: &Arc<CacheSet>, dirty: &[DirtySlot]) -> Result<(), Errno> {
+    let bs = set.block_size() as usize;
+    let cache_ch = set.cache.channel()?;
+    // Runs of consecutive LBAs on the same backing device.
+    let mut runs: Vec<&[DirtySlot]> = Vec::new();
+    let mut start = 0;
+    for i in 1..=dirty.len() {
+        let split = i == dirty.len()
+            || dirty[i].key.backing() != dirty[i - 1].key.backing()
+            || dirty[i].key.lba().0 != dirty[i - 1].key.lba().0 + 1
+            || dirty[i].zero != dirty[start].zero
+            || i - start >= MAX_RUN_BLOCKS;
+        if split {
+            runs.push(&dirty[start..i]);
+            start = i;
+        }
+    }
+    let mut touched = Vec::new();
+    for chunk in runs.chunks(16) {
+        let futs = chunk.iter().map(|run| {
+            let cache_ch = cache_ch.clone();
+            async move {
+                let first = run[0];
+                let backing = set.backing(first.key.backing()).ok_or(Errno::ENODEV)?;
+                let bch = backing.desc.channel()?;
+                let off = backing.data_offset + first.key.lba().0 * bs as u64;
+                let len = run.len() * bs;
+                if first.zero {
+                    bch.write_zeroes(off, len as u64).await.status?;
+                } else {
+                    let mut data = IoBuf::new(len);
+                    let reads = run.iter().map(|d| cache_ch.read(set.geom.slot_id_offset(d.slot), IoBuf::new(bs)));
+                    for (i, c) in join_all(reads).await.into_iter().enumerate() {
+                        c.status?;
+                        let b = c.buf.ok_or(Errno::EIO)?;
+                        data[i * bs..(i + 1) * bs].copy_from_slice(&b);
+                    }
+                    bch.write(off, data, false).await.status?;
+                }
+                Ok::<_, Errno>(backing.idx.0)
+            }
+        });
+        for r in join_all(futs).await {
+            let idx = r?;
+            if !touched.contains(&idx) {
+                touched.push(idx);
+            }
+        }
+    }
+    for idx in touched {
+        if let Some(b) = set.backing(super::index::BackingIdx(idx)) {
+            b.desc.channel()?.flush().await.status?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Cache engine: format, write/read through the cached bdev, FLUSH, reload after a power
+//! cut, two backing devices on one set, refusal of foreign or corrupt devices.
+
+use std::sync::Arc;
+
+use tiercache_engine::bdev::{Bdev, BdevDesc};
+use tiercache_engine::cache::{self, CacheMode, CacheOptions, CachedBdev};
+use tiercache_engine::reactor::{ReactorConfig, ReactorSet};
+use tiercache_engine::sim::{CutMode, SimDisk};
+use tiercache_engine::{Errno, IoBuf};
+
+const BS: u32 = 4096;
+
+fn opts() -> CacheOptions {
+    CacheOptions { segment_size: 128 << 10, ..CacheOptions::default() }
+}
+
+fn pattern(lba: u64, version: u64) -> Vec<u8> {
+    let mut v = vec![0u8; BS as usize];
+    for (i, chunk) in v.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&lba.to_le_bytes());
+        chunk[8..16].copy_from_slice(&(version ^ i as u64).to_le_bytes());
+    }
+    v
+}
+
+struct Rig {
+    set: ReactorSet,
+    cache_disk: Arc<SimDisk>,
+    backing_disk: Arc<SimDisk>,
+}
+
+fn make_rig(cache_mib: u64, backing_mib: u64) -> Rig {
+    Rig {
+        set: ReactorSet::start(ReactorConfig::unpinned(2)).unwrap(),
+        cache_disk: SimDisk::new("cache", 512, cache_mib << 11),
+        backing_disk: SimDisk::new("backing", 512, backing_mib << 11),
+    }
+}
+
+fn build(rig: &Rig, cache_disk: Arc<SimDisk>, backing_disk: Arc<SimDisk>, format: bool) -> Result<Arc<CachedBdev>, String> {
+    let rs = rig.set.clone();
+    rig.set
+        .block_on(0, move || async move {
+            let cdesc = BdevDesc::new(cache_disk);
+            let set = if format {
+                cache::format("c0", cdesc, rs, opts()).await
+            } else {
+                cache::load("c0", cdesc, rs, opts()).await
+            }
+            .map_err(|e| e.to_string())?;
+            let b = set.attach(BdevDesc::new(backing_disk), CacheMode::WriteBack).await.map_err(|e| e.to_string())?;
+            Ok(CachedBdev::new("cached0", set, b))
+        })
+        .unwrap()
+}
+
+fn write(rig: &Rig, reactor: usize, desc: &BdevDesc, lba: u64, version: u64, fua: bool) {
+    let d = desc.clone();
+    let r = rig
+        .set
+        .block_on(reactor, move || async move {
+            let ch = d.channel().unwrap();
+            ch.write(lba * BS as u64, IoBuf::from_slice(&pattern(lba, version)), fua).await.status
+        })
+        .unwrap();
+    r.unwrap();
+}
+
+fn read(rig: &Rig, reactor: usize, desc: &BdevDesc, lba: u64, n: usize) -> Vec<u8> {
+    let d = desc.clone();
+    rig.set
+        .block_on(reactor, move || async move {
+            let ch = d.channel().unwrap();
+            let c = ch.read(lba * BS as u64, IoBuf::new(n * BS as usize)).await;
+            c.status.unwrap();
+            c.buf.unwrap().to_vec()
+        })
+        .unwrap()
+}
+
+fn flush(rig: &Rig, reactor: usize, desc: &BdevDesc) -> Result<(), Errno> {
+    let d = desc.clone();
+    rig.set.block_on(reactor, move || async move { d.channel().unwrap().flush().await.status }).unwrap()
+}
+
+#[test]
+fn writes_read_back_from_ram_cache_device_and_across_reactors() {
+    let rig = make_rig(8, 16);
+    let cb = build(&rig, rig.cache_disk.clone(), rig.backing_disk.clone(), true).unwrap();
+    let desc = BdevDesc::new(cb.clone());
+    assert_eq!(cb.info().block_size, BS);
+    // Written on reactor 0, read on both (RAM of another reactor goes through a message).
+    for lba in 0..40 {
+        write(&rig, (lba % 2) as usize, &desc, lba, 1, false);
+    }
+    for lba in 0..40 {
+        assert_eq!(read(&rig, ((lba + 1) % 2) as usize, &desc, lba, 1), pattern(lba, 1), "lba {lba}");
+    }
+    // Overwrite some; a multi-block read mixes new versions, old ones and misses.
+    for lba in (0..40).step_by(3) {
+        write(&rig, 1, &desc, lba, 2, false);
+    }
+    flush(&rig, 0, &desc).unwrap();
+    let got = read(&rig, 0, &desc, 30, 20);
+    for i in 0..20u64 {
+        let lba = 30 + i;
+        let want = if lba >= 40 { vec![0; BS as usize] } else { pattern(lba, if lba % 3 == 0 { 2 } else { 1 }) };
+        assert_eq!(&got[i as usize * BS as usize..(i as usize + 1) * BS as usize], &want[..], "lba {lba}");
+    }
+    cb.cache_set().stop_migration();
+    rig.set.stop();
+}
+
+#[test]
+fn flushed_writes_survive_a_power_cut_and_unflushed_ones_are_old_or_new() {
+    let rig = make_rig(8, 16);
+    let cb = build(&rig, rig.cache_disk.clone(), rig.backing_disk.clone(), true).unwrap();
+    let desc = BdevDesc::new(cb.clone());
+    for lba in 0..64 {
+        write(&rig, (lba % 2) as usize, &desc, lba, 1, false);
+    }
+    flush(&rig, 1, &desc).unwrap();
+    for lba in 0..64 {
+        write(&rig, 0, &desc, lba, 2, false);
+    }
+    write(&rig, 1, &desc, 100, 7, true); // FUA: durable without a FLUSH
+    let cache_img = rig.cache_disk.cut_power(42, CutMode { survive_probability: 0.5, tear_one: true });
+    let backing_img = rig.backing_disk.cut_power(43, CutMode::DROP_ALL);
+    cb.cache_set().stop_migration();
+    drop(cb);
+    rig.set.stop();
+
+    let rig2 = make_rig(8, 16);
+    let cdisk = SimDisk::from_image("cache", 512, cache_img);
+    let bdisk = SimDisk::from_image("backing", 512, backing_img);
+    let cb2 = build(&rig2, cdisk, bdisk, false).unwrap();
+    let desc2 = BdevDesc::new(cb2.clone());
+    for lba in 0..64 {
+        let got = read(&rig2, 0, &desc2, lba, 1);
+        assert!(got == pattern(lba, 1) || got == pattern(lba, 2), "lba {lba}: neither the flushed nor the later version");
+    }
+    assert_eq!(read(&rig2, 1, &desc2, 100, 1), pattern(100, 7), "FUA write lost");
+    cb2.cache_set().stop_migration();
+    rig2.set.stop();
+}
+
+#[test]
+fn foreign_and_corrupt_cache_devices_are_refused_not_reformatted() {
+    let rig = make_rig(8, 16);
+    // Never formatted: refused.
+    let err = build(&rig, rig.cache_disk.clone(), rig.backing_disk.clone(), false).unwrap_err();
+    assert!(err.contains("not a tiercache cache device"), "{err}");
+    // Formatted, then both superblocks damaged: refused, contents untouched.
+    let cb = build(&rig, rig.cache_disk.clone(), rig.backing_disk.clone(), true).unwrap();
+    cb.cache_set().stop_migration();
+    let mut img = rig.cache_disk.current_image();
+    img[100] ^= 0xff;
+    img[4096 + 100] ^= 0xff;
+    let damaged = SimDisk::from_image("cache", 512, img.clone());
+    let err = build(&rig, damaged.clone(), SimDisk::new("b2", 512, 16 << 11), false).unwrap_err();
+    assert!(err.to_lowercase().contains("superblock") || err.contains("crc") || err.contains("checksum"), "{err}");
+    assert_eq!(damaged.current_image(), img, "a refused device must not be written");
+    // A backing device of another cache set is refused.
+    let rig_b = build(&rig, SimDisk::new("cache2", 512, 8 << 11), rig.backing_disk.clone(), true).unwrap_err();
+    assert!(rig_b.contains("another cache set") || rig_b.contains("oreign") || rig_b.contains("belongs"), "{rig_b}");
+    rig.set.stop();
+}

@@ -1019,7 +1019,7 @@ impl BackingHeaderOnDisk {
 
     fn validate(&self) -> Result<(), FormatError> {
         let bad = |field, value| FormatError::InvalidField { what: Structure::BackingHeader, field, value };
-        if self.data_offset < Self::SIZE as u64 || self.data_offset % SECTOR_SIZE as u64 != 0 {
+        if self.data_offset < Self::SIZE as u64 || self.data_offset & (SECTOR_SIZE as u64 - 1) != 0 {
             return Err(bad(Field::DataOffset, self.data_offset));
         }
         if self.backing_idx as usize >= MAX_BACKING {
@@ -1172,8 +1172,8 @@ pub struct BlockRecordOnDisk {
 
 const _: () = assert!(size_of::<BlockRecordOnDisk>() == BlockRecordOnDisk::SIZE);
 // 16-byte records packed from a 512-aligned offset never straddle a sector.
-const _: () = assert!(SECTOR_SIZE % BlockRecordOnDisk::SIZE == 0);
-const _: () = assert!(RECORDS_OFFSET % SECTOR_SIZE == 0);
+const _: () = assert!(SECTOR_SIZE / BlockRecordOnDisk::SIZE * BlockRecordOnDisk::SIZE == SECTOR_SIZE);
+const _: () = assert!(RECORDS_OFFSET / SECTOR_SIZE * SECTOR_SIZE == RECORDS_OFFSET);
 const _: () = assert!(SegmentHeaderOnDisk::SIZE <= RECORDS_OFFSET);
 
 impl BlockRecordOnDisk {

@@ -82,10 +82,7 @@ pub struct WaitOptions {
 
 impl Default for WaitOptions {
     fn default() -> Self {
-        WaitOptions {
-            interval: Duration::from_millis(250),
-            timeout: None,
-        }
+        WaitOptions { interval: Duration::from_millis(250), timeout: None }
     }
 }
 
@@ -103,12 +100,7 @@ impl Client {
     pub fn connect(path: impl AsRef<Path>, timeout: Duration) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path.as_ref())?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(Client {
-            stream,
-            decoder: JsonStream::new(),
-            next_id: 1,
-            timeout,
-        })
+        Ok(Client { stream, decoder: JsonStream::new(), next_id: 1, timeout })
     }
 
     /// Changes the per-call timeout.
@@ -125,10 +117,7 @@ impl Client {
         self.stream.write_all(&wire::encode_request(&req))?;
         let resp = self.read_response()?;
         if resp.id != Id::from(id) && resp.id != Id::Null {
-            return Err(ClientError::Protocol(format!(
-                "response id {:?} does not match request id {id}",
-                resp.id
-            )));
+            return Err(ClientError::Protocol(format!("response id {:?} does not match request id {id}", resp.id)));
         }
         resp.outcome.map_err(ClientError::Rpc)
     }
@@ -186,9 +175,8 @@ impl Client {
         let start = Instant::now();
         loop {
             let v = self.call(method_status, params.clone())?;
-            let st: ProgressStatus = serde_json::from_value(v).map_err(|e| {
-                ClientError::Protocol(format!("{method_status} result is not a status: {e}"))
-            })?;
+            let st: ProgressStatus = serde_json::from_value(v)
+                .map_err(|e| ClientError::Protocol(format!("{method_status} result is not a status: {e}")))?;
             on_progress(&st);
             if let Some(e) = &st.error {
                 return Err(ClientError::Failed(e.clone()));
@@ -229,10 +217,7 @@ pub fn parse_cli_params(words: &[String]) -> Result<Option<Value>, String> {
     }
     if !words[0].starts_with("--") {
         if words.len() > 1 {
-            return Err(format!(
-                "unexpected argument \"{}\" after the JSON params",
-                words[1]
-            ));
+            return Err(format!("unexpected argument \"{}\" after the JSON params", words[1]));
         }
         return match serde_json::from_str::<Value>(&words[0]) {
             Ok(v @ Value::Object(_)) => Ok(Some(v)),
@@ -327,20 +312,12 @@ pub fn format_error(method: &str, params: Option<&Value>, err: &ClientError) -> 
 /// One progress-bar line for a [`ProgressStatus`] (`[#####-----]  50.0% flushing`).
 pub fn progress_line(st: &ProgressStatus) -> String {
     const WIDTH: usize = 30;
-    let state = st
-        .state
-        .as_deref()
-        .unwrap_or(if st.done { "done" } else { "" });
+    let state = st.state.as_deref().unwrap_or(if st.done { "done" } else { "" });
     match st.percent {
         Some(p) if p.is_finite() => {
             let p = p.clamp(0.0, 100.0);
             let filled = ((p / 100.0) * WIDTH as f64).round() as usize;
-            format!(
-                "[{}{}] {:5.1}% {state}",
-                "#".repeat(filled),
-                "-".repeat(WIDTH - filled),
-                p
-            )
+            format!("[{}{}] {:5.1}% {state}", "#".repeat(filled), "-".repeat(WIDTH - filled), p)
         }
         _ => state.to_string(),
     }
@@ -362,10 +339,7 @@ mod tests {
     #[test]
     fn cli_words_to_params() {
         assert_eq!(parse_cli_params(&[]), Ok(None));
-        assert_eq!(
-            parse_cli_params(&w(&[r#"{"a":1}"#])),
-            Ok(Some(json!({"a":1})))
-        );
+        assert_eq!(parse_cli_params(&w(&[r#"{"a":1}"#])), Ok(Some(json!({"a":1}))));
         assert!(parse_cli_params(&w(&["[1]"])).is_err());
         assert!(parse_cli_params(&w(&["{"])).is_err());
         assert!(parse_cli_params(&w(&["{}", "x"])).is_err());
@@ -399,16 +373,11 @@ mod tests {
             json!({"name":"Malloc0","num_blocks":2048,"ratio":0.5,"offset":-3,"read_only":true,
                    "flag":false,"n":null,"obj":{"k":[1]},"list":[1,2],"quoted":"123","eq":7,"last":true})
         );
-        assert!(parse_cli_params(&w(&["--a", "1", "--a", "2"]))
-            .unwrap_err()
-            .contains("twice"));
+        assert!(parse_cli_params(&w(&["--a", "1", "--a", "2"])).unwrap_err().contains("twice"));
         assert!(parse_cli_params(&w(&["--a", "1", "b"])).is_err());
         assert!(parse_cli_params(&w(&["--", "1"])).is_err());
         assert!(parse_cli_params(&w(&["--o", "{bad"])).is_err());
-        assert_eq!(
-            parse_cli(&w(&["bdev_get_bdevs"])),
-            Ok(("bdev_get_bdevs".to_string(), None))
-        );
+        assert_eq!(parse_cli(&w(&["bdev_get_bdevs"])), Ok(("bdev_get_bdevs".to_string(), None)));
         assert!(parse_cli(&[]).is_err());
         assert!(parse_cli(&w(&["--x"])).is_err());
     }
@@ -419,53 +388,28 @@ mod tests {
         assert_eq!(format_result(&json!({"a":1})), "{\n  \"a\": 1\n}");
         let e = ClientError::Rpc(RpcError::no_device("bdev x not found"));
         let s = format_error("bdev_get_bdevs", Some(&json!({"name":"x"})), &e);
-        assert!(
-            s.contains("\"code\": -19")
-                && s.contains("bdev x not found")
-                && s.contains("\"name\": \"x\""),
-            "{s}"
-        );
+        assert!(s.contains("\"code\": -19") && s.contains("bdev x not found") && s.contains("\"name\": \"x\""), "{s}");
         assert_eq!(e.exit_code(), libc::ENODEV);
         assert_eq!(ClientError::Timeout.exit_code(), 2);
         assert_eq!(ClientError::Rpc(RpcError::internal("x")).exit_code(), 1);
         assert!(format_error("m", None, &ClientError::Closed).contains("closed"));
-        for e in [
-            ClientError::Io(io::Error::other("x")),
-            ClientError::Protocol("p".into()),
-            ClientError::Failed("f".into()),
-        ] {
+        for e in
+            [ClientError::Io(io::Error::other("x")), ClientError::Protocol("p".into()), ClientError::Failed("f".into())]
+        {
             assert!(!e.to_string().is_empty());
         }
-        let st = ProgressStatus {
-            done: false,
-            percent: Some(50.0),
-            state: Some("flushing".into()),
-            error: None,
-        };
+        let st = ProgressStatus { done: false, percent: Some(50.0), state: Some("flushing".into()), error: None };
         let line = progress_line(&st);
-        assert!(
-            line.starts_with("[###############---------------]  50.0% flushing"),
-            "{line}"
-        );
-        let st = ProgressStatus {
-            done: true,
-            ..Default::default()
-        };
+        assert!(line.starts_with("[###############---------------]  50.0% flushing"), "{line}");
+        let st = ProgressStatus { done: true, ..Default::default() };
         assert_eq!(progress_line(&st), "done");
     }
 
     fn server(tag: &str, reg: Arc<Registry>) -> server::ServerHandle {
-        let path =
-            std::env::temp_dir().join(format!("tcrpc-client-{tag}-{}.sock", std::process::id()));
+        let path = std::env::temp_dir().join(format!("tcrpc-client-{tag}-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        server::start(
-            ServerConfig {
-                poll_interval: Duration::from_millis(10),
-                ..ServerConfig::with_path(path)
-            },
-            reg,
-        )
-        .unwrap()
+        server::start(ServerConfig { poll_interval: Duration::from_millis(10), ..ServerConfig::with_path(path) }, reg)
+            .unwrap()
     }
 
     #[test]
@@ -475,22 +419,16 @@ mod tests {
         let p = polls.clone();
         reg.register_fn("bdev_cache_flush_status", move |_| {
             let n = p.fetch_add(1, Ordering::SeqCst) + 1;
-            async move {
-                Ok(json!({"done": n >= 3, "percent": f64::from(n) * 33.3, "state": "flushing"}))
-            }
+            async move { Ok(json!({"done": n >= 3, "percent": f64::from(n) * 33.3, "state": "flushing"})) }
         })
         .unwrap();
-        reg.register_fn("fails", |_| async {
-            Ok(json!({"done": false, "error": "EIO on cache"}))
-        })
-        .unwrap();
+        reg.register_fn("fails", |_| async { Ok(json!({"done": false, "error": "EIO on cache"})) }).unwrap();
         reg.register_fn("slow", |_| async {
             std::thread::sleep(Duration::from_millis(400));
             Ok(json!(1))
         })
         .unwrap();
-        reg.register_fn("notstatus", |_| async { Ok(json!(5)) })
-            .unwrap();
+        reg.register_fn("notstatus", |_| async { Ok(json!(5)) }).unwrap();
         let h = server("wait", reg);
         let mut c = Client::connect(h.path(), Duration::from_secs(5)).unwrap();
         let methods = c.call("rpc_get_methods", None).unwrap();
@@ -500,30 +438,19 @@ mod tests {
             .wait_until_done_with(
                 "bdev_cache_flush_status",
                 Some(json!({"name":"c0"})),
-                WaitOptions {
-                    interval: Duration::from_millis(1),
-                    timeout: None,
-                },
+                WaitOptions { interval: Duration::from_millis(1), timeout: None },
                 |s| seen.push(progress_line(s)),
             )
             .unwrap();
         assert!(st.done);
         assert_eq!(seen.len(), 3);
-        assert!(
-            matches!(c.wait_until_done("fails", None, |_| {}), Err(ClientError::Failed(m)) if m == "EIO on cache")
-        );
-        assert!(matches!(
-            c.wait_until_done("notstatus", None, |_| {}),
-            Err(ClientError::Protocol(_))
-        ));
+        assert!(matches!(c.wait_until_done("fails", None, |_| {}), Err(ClientError::Failed(m)) if m == "EIO on cache"));
+        assert!(matches!(c.wait_until_done("notstatus", None, |_| {}), Err(ClientError::Protocol(_))));
         polls.store(0, Ordering::SeqCst);
         let r = c.wait_until_done_with(
             "bdev_cache_flush_status",
             None,
-            WaitOptions {
-                interval: Duration::from_millis(1),
-                timeout: Some(Duration::ZERO),
-            },
+            WaitOptions { interval: Duration::from_millis(1), timeout: Some(Duration::ZERO) },
             |_| {},
         );
         assert!(matches!(r, Err(ClientError::Timeout)));
@@ -535,15 +462,9 @@ mod tests {
         // the notification runs first (in order), then this call times out
         c.set_timeout(Duration::from_millis(100));
         assert!(matches!(c.call("slow", None), Err(ClientError::Timeout)));
-        assert_eq!(
-            call(h.path(), "notstatus", None, Duration::from_secs(5)).unwrap(),
-            json!(5)
-        );
+        assert_eq!(call(h.path(), "notstatus", None, Duration::from_secs(5)).unwrap(), json!(5));
         h.stop();
-        assert!(matches!(
-            Client::connect("/nonexistent-tc.sock", Duration::from_secs(1)),
-            Err(ClientError::Io(_))
-        ));
+        assert!(matches!(Client::connect("/nonexistent-tc.sock", Duration::from_secs(1)), Err(ClientError::Io(_))));
     }
 
     #[test]
@@ -553,12 +474,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let l = UnixListener::bind(&path).unwrap();
         let t = std::thread::spawn(move || {
-            for reply in [
-                &b""[..],
-                b"{\"id\":1,\"nope\":2}",
-                b"}",
-                b"{\"jsonrpc\":\"2.0\",\"id\":99,\"result\":1}",
-            ] {
+            for reply in [&b""[..], b"{\"id\":1,\"nope\":2}", b"}", b"{\"jsonrpc\":\"2.0\",\"id\":99,\"result\":1}"] {
                 let (mut s, _) = l.accept().unwrap();
                 let mut b = [0u8; 1024];
                 let _ = s.read(&mut b);
@@ -574,9 +490,7 @@ mod tests {
         assert!(matches!(outcomes[0], Err(ClientError::Closed)));
         assert!(matches!(outcomes[1], Err(ClientError::Protocol(_))));
         assert!(matches!(outcomes[2], Err(ClientError::Protocol(_))));
-        assert!(
-            matches!(&outcomes[3], Err(ClientError::Protocol(m)) if m.contains("does not match"))
-        );
+        assert!(matches!(&outcomes[3], Err(ClientError::Protocol(m)) if m.contains("does not match")));
         let _ = std::fs::remove_file(&path);
     }
 }

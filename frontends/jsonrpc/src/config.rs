@@ -37,18 +37,12 @@ impl ConfigEntry {
     pub fn new(method: &str, params: &impl Serialize) -> Result<ConfigEntry, RpcError> {
         let params = serde_json::to_value(params)
             .map_err(|e| RpcError::internal(format!("cannot encode {method} params: {e}")))?;
-        Ok(ConfigEntry {
-            method: method.to_string(),
-            params: Some(params),
-        })
+        Ok(ConfigEntry { method: method.to_string(), params: Some(params) })
     }
 
     /// An entry without params.
     pub fn without_params(method: &str) -> ConfigEntry {
-        ConfigEntry {
-            method: method.to_string(),
-            params: None,
-        }
+        ConfigEntry { method: method.to_string(), params: None }
     }
 
     /// The entry as JSON.
@@ -87,8 +81,8 @@ pub struct ConfigError {
     pub index: Option<usize>,
     /// Method of the entry, if known.
     pub method: Option<String>,
-    /// The failure.
-    pub kind: ConfigErrorKind,
+    /// The failure (boxed to keep `Result`s small).
+    pub kind: Box<ConfigErrorKind>,
 }
 
 /// Kinds of [`ConfigError`].
@@ -105,33 +99,23 @@ pub enum ConfigErrorKind {
 }
 
 impl ConfigError {
-    fn at(
-        subsystem: Option<&str>,
-        index: Option<usize>,
-        method: Option<&str>,
-        kind: ConfigErrorKind,
-    ) -> Self {
+    fn at(subsystem: Option<&str>, index: Option<usize>, method: Option<&str>, kind: ConfigErrorKind) -> Self {
         ConfigError {
             subsystem: subsystem.map(str::to_string),
             index,
             method: method.map(str::to_string),
-            kind,
+            kind: Box::new(kind),
         }
     }
 
     fn structure(subsystem: Option<&str>, index: Option<usize>, msg: impl Into<String>) -> Self {
-        Self::at(
-            subsystem,
-            index,
-            None,
-            ConfigErrorKind::Structure(msg.into()),
-        )
+        Self::at(subsystem, index, None, ConfigErrorKind::Structure(msg.into()))
     }
 
     /// The error as an RPC error: a failed call keeps its code (and errno),
     /// bad params are -32602, anything else `-EINVAL`; the message says where.
     pub fn to_rpc_error(&self) -> RpcError {
-        let code = match &self.kind {
+        let code = match &*self.kind {
             ConfigErrorKind::Call(e) => e.code,
             ConfigErrorKind::Params(_) => crate::protocol::INVALID_PARAMS,
             _ => -libc::EINVAL,
@@ -152,7 +136,7 @@ impl fmt::Display for ConfigError {
         if let Some(m) = &self.method {
             write!(f, " ({m})")?;
         }
-        match &self.kind {
+        match &*self.kind {
             ConfigErrorKind::Json(m) => write!(f, ": invalid JSON: {m}"),
             ConfigErrorKind::Structure(m) => write!(f, ": {m}"),
             ConfigErrorKind::Params(e) => write!(f, ": invalid params: {e}"),
@@ -176,18 +160,10 @@ impl ConfigDocument {
     /// registered by an extension); [`replay`](Self::replay) checks them.
     pub fn from_value(v: &Value) -> Result<ConfigDocument, ConfigError> {
         let root = v.as_object().ok_or_else(|| {
-            ConfigError::structure(
-                None,
-                None,
-                format!("document must be an object, got {}", json_type_name(v)),
-            )
+            ConfigError::structure(None, None, format!("document must be an object, got {}", json_type_name(v)))
         })?;
         if let Some(k) = root.keys().find(|k| *k != "subsystems") {
-            return Err(ConfigError::structure(
-                None,
-                None,
-                format!("unknown key \"{k}\", expected \"subsystems\""),
-            ));
+            return Err(ConfigError::structure(None, None, format!("unknown key \"{k}\", expected \"subsystems\"")));
         }
         let subs = match root.get("subsystems") {
             Some(Value::Array(a)) => a,
@@ -195,10 +171,7 @@ impl ConfigDocument {
                 return Err(ConfigError::structure(
                     None,
                     None,
-                    format!(
-                        "\"subsystems\" must be an array, got {}",
-                        json_type_name(other)
-                    ),
+                    format!("\"subsystems\" must be an array, got {}", json_type_name(other)),
                 ))
             }
             None => return Err(ConfigError::structure(None, None, "missing \"subsystems\"")),
@@ -209,10 +182,7 @@ impl ConfigDocument {
                 ConfigError::structure(
                     None,
                     None,
-                    format!(
-                        "subsystems[{si}] must be an object, got {}",
-                        json_type_name(s)
-                    ),
+                    format!("subsystems[{si}] must be an object, got {}", json_type_name(s)),
                 )
             })?;
             let name = match so.get("subsystem") {
@@ -227,11 +197,7 @@ impl ConfigDocument {
             };
             let sn = Some(name.as_str());
             if let Some(k) = so.keys().find(|k| *k != "subsystem" && *k != "config") {
-                return Err(ConfigError::structure(
-                    sn,
-                    None,
-                    format!("unknown key \"{k}\""),
-                ));
+                return Err(ConfigError::structure(sn, None, format!("unknown key \"{k}\"")));
             }
             if doc.subsystems.iter().any(|x| x.subsystem == name) {
                 return Err(ConfigError::structure(sn, None, "subsystem listed twice"));
@@ -243,10 +209,7 @@ impl ConfigDocument {
                     return Err(ConfigError::structure(
                         sn,
                         None,
-                        format!(
-                            "\"config\" must be an array or null, got {}",
-                            json_type_name(other)
-                        ),
+                        format!("\"config\" must be an array or null, got {}", json_type_name(other)),
                     ))
                 }
             };
@@ -254,10 +217,7 @@ impl ConfigDocument {
             for (i, e) in entries.iter().enumerate() {
                 config.push(parse_entry(&name, i, e)?);
             }
-            doc.subsystems.push(SubsystemConfig {
-                subsystem: name,
-                config,
-            });
+            doc.subsystems.push(SubsystemConfig { subsystem: name, config });
         }
         Ok(doc)
     }
@@ -270,10 +230,7 @@ impl ConfigDocument {
             .map(|s| {
                 let mut o = Map::new();
                 o.insert("subsystem".into(), Value::String(s.subsystem.clone()));
-                o.insert(
-                    "config".into(),
-                    Value::Array(s.config.iter().map(ConfigEntry::to_value).collect()),
-                );
+                o.insert("config".into(), Value::Array(s.config.iter().map(ConfigEntry::to_value).collect()));
                 Value::Object(o)
             })
             .collect();
@@ -322,17 +279,9 @@ impl ConfigDocument {
         for s in &self.subsystems {
             for (i, e) in s.config.iter().enumerate() {
                 log::info!("config: {} #{i}: {}", s.subsystem, e.method);
-                registry
-                    .call(&e.method, e.params.clone())
-                    .await
-                    .map_err(|err| {
-                        ConfigError::at(
-                            Some(&s.subsystem),
-                            Some(i),
-                            Some(&e.method),
-                            ConfigErrorKind::Call(err),
-                        )
-                    })?;
+                registry.call(&e.method, e.params.clone()).await.map_err(|err| {
+                    ConfigError::at(Some(&s.subsystem), Some(i), Some(&e.method), ConfigErrorKind::Call(err))
+                })?;
                 n += 1;
             }
         }
@@ -348,30 +297,15 @@ impl ConfigDocument {
 fn parse_entry(subsystem: &str, i: usize, e: &Value) -> Result<ConfigEntry, ConfigError> {
     let sn = Some(subsystem);
     let eo = e.as_object().ok_or_else(|| {
-        ConfigError::structure(
-            sn,
-            Some(i),
-            format!("entry must be an object, got {}", json_type_name(e)),
-        )
+        ConfigError::structure(sn, Some(i), format!("entry must be an object, got {}", json_type_name(e)))
     })?;
     let method = match eo.get("method") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        _ => {
-            return Err(ConfigError::structure(
-                sn,
-                Some(i),
-                "entry needs a non-empty string \"method\"",
-            ))
-        }
+        _ => return Err(ConfigError::structure(sn, Some(i), "entry needs a non-empty string \"method\"")),
     };
     let mn = Some(method.as_str());
     if let Some(k) = eo.keys().find(|k| *k != "method" && *k != "params") {
-        return Err(ConfigError::at(
-            sn,
-            Some(i),
-            mn,
-            ConfigErrorKind::Structure(format!("unknown key \"{k}\"")),
-        ));
+        return Err(ConfigError::at(sn, Some(i), mn, ConfigErrorKind::Structure(format!("unknown key \"{k}\""))));
     }
     let params = match eo.get("params") {
         None | Some(Value::Null) => None,
@@ -389,19 +323,13 @@ fn parse_entry(subsystem: &str, i: usize, e: &Value) -> Result<ConfigEntry, Conf
         }
     };
     if let Some(Err(pe)) = schema::check_params(&method, params.as_ref()) {
-        return Err(ConfigError::at(
-            sn,
-            Some(i),
-            mn,
-            ConfigErrorKind::Params(pe),
-        ));
+        return Err(ConfigError::at(sn, Some(i), mn, ConfigErrorKind::Params(pe)));
     }
     Ok(ConfigEntry { method, params })
 }
 
 /// Produces the current config list of one subsystem.
-pub type SubsystemConfigFn =
-    Arc<dyn Fn() -> BoxFuture<'static, Result<Vec<ConfigEntry>, RpcError>> + Send + Sync>;
+pub type SubsystemConfigFn = Arc<dyn Fn() -> BoxFuture<'static, Result<Vec<ConfigEntry>, RpcError>> + Send + Sync>;
 
 struct Source {
     name: String,
@@ -420,9 +348,7 @@ pub struct ConfigAssembler {
 
 impl fmt::Debug for ConfigAssembler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConfigAssembler")
-            .field("subsystems", &self.subsystem_names())
-            .finish()
+        f.debug_struct("ConfigAssembler").field("subsystems", &self.subsystem_names()).finish()
     }
 }
 
@@ -434,12 +360,7 @@ impl ConfigAssembler {
 
     /// Adds a subsystem. `-EEXIST` if already added, `-ENOENT` if a
     /// dependency is not added yet.
-    pub fn add_subsystem(
-        &self,
-        name: &str,
-        depends_on: &[&str],
-        f: SubsystemConfigFn,
-    ) -> Result<(), RpcError> {
+    pub fn add_subsystem(&self, name: &str, depends_on: &[&str], f: SubsystemConfigFn) -> Result<(), RpcError> {
         let mut s = self.sources.write().unwrap_or_else(|e| e.into_inner());
         if s.iter().any(|x| x.name == name) {
             return Err(RpcError::exists(format!("subsystem {name} already exists")));
@@ -450,21 +371,12 @@ impl ConfigAssembler {
                 format!("subsystem {name} depends on unknown subsystem {d}"),
             ));
         }
-        s.push(Source {
-            name: name.to_string(),
-            depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
-            f,
-        });
+        s.push(Source { name: name.to_string(), depends_on: depends_on.iter().map(|d| d.to_string()).collect(), f });
         Ok(())
     }
 
     /// [`add_subsystem`](Self::add_subsystem) with an async closure.
-    pub fn add_subsystem_fn<F, Fut>(
-        &self,
-        name: &str,
-        depends_on: &[&str],
-        f: F,
-    ) -> Result<(), RpcError>
+    pub fn add_subsystem_fn<F, Fut>(&self, name: &str, depends_on: &[&str], f: F) -> Result<(), RpcError>
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<ConfigEntry>, RpcError>> + Send + 'static,
@@ -482,11 +394,7 @@ impl ConfigAssembler {
     /// `[{"subsystem": "bdev", "depends_on": []}, ...]`.
     pub fn subsystems_value(&self) -> Value {
         let s = self.sources.read().unwrap_or_else(|e| e.into_inner());
-        Value::Array(
-            s.iter()
-                .map(|x| serde_json::json!({"subsystem": x.name, "depends_on": x.depends_on}))
-                .collect(),
-        )
+        Value::Array(s.iter().map(|x| serde_json::json!({"subsystem": x.name, "depends_on": x.depends_on})).collect())
     }
 
     fn source(&self, name: &str) -> Option<SubsystemConfigFn> {
@@ -496,9 +404,7 @@ impl ConfigAssembler {
 
     /// One subsystem's config list; `-ENODEV` for an unknown subsystem.
     pub async fn subsystem_config(&self, name: &str) -> Result<Vec<ConfigEntry>, RpcError> {
-        let f = self
-            .source(name)
-            .ok_or_else(|| RpcError::no_device(format!("subsystem {name} not found")))?;
+        let f = self.source(name).ok_or_else(|| RpcError::no_device(format!("subsystem {name} not found")))?;
         f().await
     }
 
@@ -517,10 +423,7 @@ impl ConfigAssembler {
                 continue;
             }
             let config = self.subsystem_config(&name).await?;
-            doc.subsystems.push(SubsystemConfig {
-                subsystem: name,
-                config,
-            });
+            doc.subsystems.push(SubsystemConfig { subsystem: name, config });
         }
         Ok(doc)
     }
@@ -534,18 +437,13 @@ impl ConfigAssembler {
             async move { Ok(v) }
         })?;
         let me = self.clone();
-        registry.register_typed(
-            "framework_get_config",
-            move |p: FrameworkGetConfigParams| {
-                let me = me.clone();
-                async move {
-                    let entries = me.subsystem_config(&p.name).await?;
-                    Ok(Value::Array(
-                        entries.iter().map(ConfigEntry::to_value).collect(),
-                    ))
-                }
-            },
-        )?;
+        registry.register_typed("framework_get_config", move |p: FrameworkGetConfigParams| {
+            let me = me.clone();
+            async move {
+                let entries = me.subsystem_config(&p.name).await?;
+                Ok(Value::Array(entries.iter().map(ConfigEntry::to_value).collect()))
+            }
+        })?;
         let me = self.clone();
         registry.register_typed("save_config", move |p: SaveConfigParams| {
             let me = me.clone();
@@ -557,9 +455,7 @@ impl ConfigAssembler {
 
 /// Decodes a config entry's params with the schema types (for subsystems
 /// that want typed access during replay outside the registry).
-pub fn entry_params<P: serde::de::DeserializeOwned + schema::Validate>(
-    e: &ConfigEntry,
-) -> Result<P, ParamError> {
+pub fn entry_params<P: serde::de::DeserializeOwned + schema::Validate>(e: &ConfigEntry) -> Result<P, ParamError> {
     decode_params(e.params.clone())
 }
 
@@ -601,21 +497,13 @@ mod tests {
 
     #[test]
     fn structural_errors_say_where() {
-        assert!(matches!(err("{").kind, ConfigErrorKind::Json(_)));
+        assert!(matches!(*err("{").kind, ConfigErrorKind::Json(_)));
         assert!(err("[]").to_string().contains("must be an object"));
         assert!(err("{}").to_string().contains("missing \"subsystems\""));
-        assert!(err(r#"{"subsystems":1}"#)
-            .to_string()
-            .contains("must be an array"));
-        assert!(err(r#"{"subsystems":[],"x":1}"#)
-            .to_string()
-            .contains("unknown key \"x\""));
-        assert!(err(r#"{"subsystems":[1]}"#)
-            .to_string()
-            .contains("subsystems[0]"));
-        assert!(err(r#"{"subsystems":[{"config":[]}]}"#)
-            .to_string()
-            .contains("\"subsystem\""));
+        assert!(err(r#"{"subsystems":1}"#).to_string().contains("must be an array"));
+        assert!(err(r#"{"subsystems":[],"x":1}"#).to_string().contains("unknown key \"x\""));
+        assert!(err(r#"{"subsystems":[1]}"#).to_string().contains("subsystems[0]"));
+        assert!(err(r#"{"subsystems":[{"config":[]}]}"#).to_string().contains("\"subsystem\""));
         let e = err(r#"{"subsystems":[{"subsystem":"bdev","config":{}}]}"#);
         assert_eq!(e.subsystem.as_deref(), Some("bdev"));
         let e = err(r#"{"subsystems":[{"subsystem":"bdev","cfg":[]}]}"#);
@@ -628,9 +516,8 @@ mod tests {
         assert!(e.to_string().contains("\"method\""));
         let e = err(r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"m","x":1}]}]}"#);
         assert_eq!(e.method.as_deref(), Some("m"));
-        let e =
-            err(r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"m","params":[1]}]}]}"#);
-        assert!(matches!(e.kind, ConfigErrorKind::Params(_)));
+        let e = err(r#"{"subsystems":[{"subsystem":"bdev","config":[{"method":"m","params":[1]}]}]}"#);
+        assert!(matches!(*e.kind, ConfigErrorKind::Params(_)));
         assert_eq!(e.to_rpc_error().code, INVALID_PARAMS);
         assert_eq!(err("[]").to_rpc_error().code, -libc::EINVAL);
     }
@@ -642,7 +529,9 @@ mod tests {
             {"method":"bdev_malloc_create","params":{"nmae":"m0","num_blocks":1,"block_size":512}}]}]}"#);
         let s = e.to_string();
         assert!(
-            s.starts_with("config subsystem \"bdev\" entry #1 (bdev_malloc_create): invalid params: unknown field \"nmae\""),
+            s.starts_with(
+                "config subsystem \"bdev\" entry #1 (bdev_malloc_create): invalid params: unknown field \"nmae\""
+            ),
             "{s}"
         );
     }
@@ -684,10 +573,7 @@ mod tests {
         let mut d = ConfigDocument::parse(DOC).unwrap();
         d.subsystems[0].config.remove(1);
         assert_eq!(d.replay_blocking(&r), Ok(3));
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["bdev_malloc_create", "nbd_server_start", "nbd_export_add"]
-        );
+        assert_eq!(*log.lock().unwrap(), ["bdev_malloc_create", "nbd_server_start", "nbd_export_add"]);
     }
 
     #[test]
@@ -711,57 +597,36 @@ mod tests {
         a.add_subsystem_fn("bdev", &[], || async {
             Ok(vec![ConfigEntry::new(
                 "bdev_malloc_create",
-                &BdevMallocCreateParams {
-                    name: Some("m0".into()),
-                    num_blocks: 8,
-                    block_size: 512,
-                    uuid: None,
-                },
+                &BdevMallocCreateParams { name: Some("m0".into()), num_blocks: 8, block_size: 512, uuid: None },
             )?])
         })
         .unwrap();
+        assert_eq!(a.add_subsystem_fn("bdev", &[], || async { Ok(vec![]) }).unwrap_err().errno(), Some(libc::EEXIST));
         assert_eq!(
-            a.add_subsystem_fn("bdev", &[], || async { Ok(vec![]) })
-                .unwrap_err()
-                .errno(),
-            Some(libc::EEXIST)
-        );
-        assert_eq!(
-            a.add_subsystem_fn("x", &["nope"], || async { Ok(vec![]) })
-                .unwrap_err()
-                .errno(),
+            a.add_subsystem_fn("x", &["nope"], || async { Ok(vec![]) }).unwrap_err().errno(),
             Some(libc::ENOENT)
         );
-        a.add_subsystem_fn("nbd", &["bdev"], || async {
-            Ok(vec![ConfigEntry::without_params("nbd_server_stop")])
-        })
-        .unwrap();
+        a.add_subsystem_fn("nbd", &["bdev"], || async { Ok(vec![ConfigEntry::without_params("nbd_server_stop")]) })
+            .unwrap();
         assert!(format!("{a:?}").contains("nbd"));
         let r = Registry::new();
         a.register_methods(&r).unwrap();
         let subs = block_on(r.call("framework_get_subsystems", None)).unwrap();
         assert_eq!(subs[1], json!({"subsystem":"nbd","depends_on":["bdev"]}));
         let cfg = block_on(r.call("framework_get_config", Some(json!({"name":"bdev"})))).unwrap();
-        assert_eq!(
-            cfg[0]["params"],
-            json!({"name":"m0","num_blocks":8,"block_size":512})
-        );
+        assert_eq!(cfg[0]["params"], json!({"name":"m0","num_blocks":8,"block_size":512}));
         let e = block_on(r.call("framework_get_config", Some(json!({"name":"zz"})))).unwrap_err();
         assert_eq!(e.errno(), Some(libc::ENODEV));
         let doc = block_on(r.call("save_config", None)).unwrap();
         let parsed = ConfigDocument::from_value(&doc).unwrap();
         assert_eq!(parsed.subsystems.len(), 2);
-        assert_eq!(
-            parsed.subsystems[1].config[0],
-            ConfigEntry::without_params("nbd_server_stop")
-        );
+        assert_eq!(parsed.subsystems[1].config[0], ConfigEntry::without_params("nbd_server_stop"));
         let only = block_on(r.call("save_config", Some(json!({"subsystems":["nbd"]})))).unwrap();
         assert_eq!(only["subsystems"].as_array().unwrap().len(), 1);
         let e = block_on(r.call("save_config", Some(json!({"subsystems":["zz"]})))).unwrap_err();
         assert_eq!(e.errno(), Some(libc::ENODEV));
         // a failing contributor propagates its errno
-        a.add_subsystem_fn("bad", &[], || async { Err(RpcError::busy("busy")) })
-            .unwrap();
+        a.add_subsystem_fn("bad", &[], || async { Err(RpcError::busy("busy")) }).unwrap();
         let e = block_on(r.call("save_config", None)).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EBUSY));
     }

@@ -81,11 +81,7 @@ pub struct RpcError {
 impl RpcError {
     /// An error with an arbitrary code.
     pub fn new(code: i32, message: impl Into<String>) -> Self {
-        RpcError {
-            code,
-            message: message.into(),
-            data: None,
-        }
+        RpcError { code, message: message.into(), data: None }
     }
 
     /// -32700: the byte stream is not valid JSON.
@@ -160,16 +156,8 @@ impl RpcError {
         let o = v.as_object()?;
         let code = o.get("code")?.as_i64()?;
         let code = i32::try_from(code).ok()?;
-        let message = o
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        Some(RpcError {
-            code,
-            message,
-            data: o.get("data").cloned(),
-        })
+        let message = o.get("message").and_then(Value::as_str).unwrap_or("").to_string();
+        Some(RpcError { code, message, data: o.get("data").cloned() })
     }
 }
 
@@ -219,10 +207,7 @@ pub enum ParamError {
 impl ParamError {
     /// Shorthand for [`ParamError::Invalid`].
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
-        ParamError::Invalid {
-            field: field.to_string(),
-            reason: reason.into(),
-        }
+        ParamError::Invalid { field: field.to_string(), reason: reason.into() }
     }
 
     /// The field this error is about, when it is about one field.
@@ -263,20 +248,12 @@ pub struct Request {
 impl Request {
     /// A request expecting a response.
     pub fn new(method: impl Into<String>, params: Option<Value>, id: Id) -> Self {
-        Request {
-            method: method.into(),
-            params,
-            id: Some(id),
-        }
+        Request { method: method.into(), params, id: Some(id) }
     }
 
     /// A notification (no response).
     pub fn notification(method: impl Into<String>, params: Option<Value>) -> Self {
-        Request {
-            method: method.into(),
-            params,
-            id: None,
-        }
+        Request { method: method.into(), params, id: None }
     }
 
     /// True for a notification.
@@ -310,12 +287,7 @@ impl Request {
             },
         };
         let err_id = id.clone().unwrap_or(Id::Null);
-        let fail = |msg: &str| {
-            Err(Box::new(Response::error(
-                err_id.clone(),
-                RpcError::invalid_request(msg),
-            )))
-        };
+        let fail = |msg: &str| Err(Box::new(Response::error(err_id.clone(), RpcError::invalid_request(msg))));
         match obj.get("jsonrpc") {
             Some(Value::String(s)) if s == JSONRPC_VERSION => {}
             Some(_) => return fail("\"jsonrpc\" must be \"2.0\""),
@@ -361,18 +333,12 @@ pub struct Response {
 impl Response {
     /// A successful response.
     pub fn result(id: Id, result: Value) -> Self {
-        Response {
-            id,
-            outcome: Ok(result),
-        }
+        Response { id, outcome: Ok(result) }
     }
 
     /// An error response.
     pub fn error(id: Id, error: RpcError) -> Self {
-        Response {
-            id,
-            outcome: Err(error),
-        }
+        Response { id, outcome: Err(error) }
     }
 
     /// The response as a JSON value.
@@ -399,9 +365,7 @@ impl Response {
 
     /// Parses a response received from a server.
     pub fn from_value(v: &Value) -> Result<Response, String> {
-        let o = v
-            .as_object()
-            .ok_or_else(|| format!("response is {}, not an object", json_type_name(v)))?;
+        let o = v.as_object().ok_or_else(|| format!("response is {}, not an object", json_type_name(v)))?;
         let id = match o.get("id") {
             None => Id::Null,
             Some(v) => Id::from_value(v).ok_or("response has an invalid \"id\"")?,
@@ -445,8 +409,7 @@ mod tests {
 
     #[test]
     fn parses_request_and_notification() {
-        let r = Request::from_value(json!({"jsonrpc":"2.0","method":"m","params":{"a":1},"id":7}))
-            .unwrap();
+        let r = Request::from_value(json!({"jsonrpc":"2.0","method":"m","params":{"a":1},"id":7})).unwrap();
         assert_eq!(r.method, "m");
         assert_eq!(r.id, Some(Id::from(7)));
         assert!(!r.is_notification());
@@ -455,9 +418,7 @@ mod tests {
         assert_eq!(n.params, None);
         let null_id = Request::from_value(json!({"jsonrpc":"2.0","method":"m","id":null})).unwrap();
         assert_eq!(null_id.id, Some(Id::Null));
-        let null_params =
-            Request::from_value(json!({"jsonrpc":"2.0","method":"m","params":null,"id":"x"}))
-                .unwrap();
+        let null_params = Request::from_value(json!({"jsonrpc":"2.0","method":"m","params":null,"id":"x"})).unwrap();
         assert_eq!(null_params.params, None);
         assert_eq!(null_params.id, Some(Id::from("x")));
     }
@@ -471,10 +432,7 @@ mod tests {
             (json!({"jsonrpc":"1.0","method":"m","id":1}), Id::from(1)),
             (json!({"jsonrpc":"2.0","id":1}), Id::from(1)),
             (json!({"jsonrpc":"2.0","method":5,"id":1}), Id::from(1)),
-            (
-                json!({"jsonrpc":"2.0","method":"m","params":3,"id":"a"}),
-                Id::from("a"),
-            ),
+            (json!({"jsonrpc":"2.0","method":"m","params":3,"id":"a"}), Id::from("a")),
             (json!({"jsonrpc":"2.0","method":"m","id":{}}), Id::Null),
         ] {
             let r = reject(v);
@@ -488,10 +446,7 @@ mod tests {
         let ok = Response::result(Id::from(1), json!(true));
         assert_eq!(ok.to_value(), json!({"jsonrpc":"2.0","id":1,"result":true}));
         assert_eq!(Response::from_value(&ok.to_value()).unwrap(), ok);
-        let err = Response::error(
-            Id::from("a"),
-            RpcError::exists("bdev malloc0 already exists"),
-        );
+        let err = Response::error(Id::from("a"), RpcError::exists("bdev malloc0 already exists"));
         let v = err.to_value();
         assert_eq!(v["error"]["code"], json!(-17));
         let back = Response::from_value(&v).unwrap();
@@ -522,10 +477,7 @@ mod tests {
         assert_eq!(RpcError::from(io).errno(), Some(libc::EIO));
         let e = RpcError::exists("x").with_data(json!({"k":1}));
         assert!(e.to_string().contains("code -17"));
-        assert_eq!(
-            RpcError::from_value(&serde_json::to_value(&e).unwrap()),
-            Some(e)
-        );
+        assert_eq!(RpcError::from_value(&serde_json::to_value(&e).unwrap()), Some(e));
     }
 
     #[test]
@@ -537,18 +489,13 @@ mod tests {
         assert_eq!(e.field(), Some("num_blocks"));
         assert_eq!(e.to_string(), "num_blocks: must be > 0");
         assert_eq!(ParamError::NotAnObject.field(), None);
-        assert!(ParamError::Conflict("a and b".into())
-            .to_string()
-            .contains("a and b"));
+        assert!(ParamError::Conflict("a and b".into()).to_string().contains("a and b"));
     }
 
     #[test]
     fn request_to_value() {
         let r = Request::new("m", Some(json!({"a":1})), Id::from(3));
-        assert_eq!(
-            r.to_value(),
-            json!({"jsonrpc":"2.0","method":"m","params":{"a":1},"id":3})
-        );
+        assert_eq!(r.to_value(), json!({"jsonrpc":"2.0","method":"m","params":{"a":1},"id":3}));
         let n = Request::notification("m", None);
         assert_eq!(n.to_value(), json!({"jsonrpc":"2.0","method":"m"}));
         assert_eq!(Request::from_value(r.to_value()).unwrap(), r);

@@ -29,18 +29,14 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("methods", &self.methods())
-            .finish()
+        f.debug_struct("Registry").field("methods", &self.methods()).finish()
     }
 }
 
 impl Registry {
     /// A registry holding the builtin `rpc_get_methods`.
     pub fn new() -> Arc<Registry> {
-        let reg = Arc::new(Registry {
-            methods: RwLock::new(BTreeMap::new()),
-        });
+        let reg = Arc::new(Registry { methods: RwLock::new(BTreeMap::new()) });
         let weak: Weak<Registry> = Arc::downgrade(&reg);
         // Cannot fail: the table is empty.
         let _ = reg.register_typed("rpc_get_methods", move |_p: RpcGetMethodsParams| {
@@ -54,9 +50,7 @@ impl Registry {
     pub fn register(&self, name: &str, handler: Handler) -> Result<(), RpcError> {
         let mut m = self.methods.write().unwrap_or_else(|e| e.into_inner());
         if m.contains_key(name) {
-            return Err(RpcError::exists(format!(
-                "method {name} already registered"
-            )));
+            return Err(RpcError::exists(format!("method {name} already registered")));
         }
         m.insert(name.to_string(), handler);
         Ok(())
@@ -157,9 +151,7 @@ impl Registry {
                 let rs = self.handle_batch(items).await;
                 (!rs.is_empty()).then(|| Value::Array(rs.iter().map(Response::to_value).collect()))
             }
-            crate::wire::Incoming::Invalid(r) | crate::wire::Incoming::Fatal(r) => {
-                Some(r.to_value())
-            }
+            crate::wire::Incoming::Invalid(r) | crate::wire::Incoming::Fatal(r) => Some(r.to_value()),
         }
     }
 }
@@ -177,19 +169,16 @@ where
     F: Fn(P) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<R, RpcError>> + Send + 'static,
 {
-    Arc::new(
-        move |params: Option<Value>| match decode_params::<P>(params) {
-            Ok(p) => f(p)
-                .map(|r| {
-                    r.and_then(|v| {
-                        serde_json::to_value(v)
-                            .map_err(|e| RpcError::internal(format!("cannot encode result: {e}")))
-                    })
+    Arc::new(move |params: Option<Value>| match decode_params::<P>(params) {
+        Ok(p) => f(p)
+            .map(|r| {
+                r.and_then(|v| {
+                    serde_json::to_value(v).map_err(|e| RpcError::internal(format!("cannot encode result: {e}")))
                 })
-                .boxed(),
-            Err(e) => future::ready(Err(RpcError::from(e))).boxed(),
-        },
-    )
+            })
+            .boxed(),
+        Err(e) => future::ready(Err(RpcError::from(e))).boxed(),
+    })
 }
 
 /// A response for `id` carrying `error` (helper for transports).
@@ -208,25 +197,16 @@ mod tests {
 
     fn reg() -> Arc<Registry> {
         let r = Registry::new();
-        r.register_fn("echo", |p| async move { Ok(p.unwrap_or(Value::Null)) })
-            .unwrap();
-        r.register_typed(
-            "bdev_malloc_create",
-            |p: BdevMallocCreateParams| async move {
-                if p.name.as_deref() == Some("malloc0") {
-                    return Err(RpcError::exists("bdev malloc0 already exists"));
-                }
-                Ok(p.name.unwrap_or_else(|| "Malloc0".into()))
-            },
-        )
+        r.register_fn("echo", |p| async move { Ok(p.unwrap_or(Value::Null)) }).unwrap();
+        r.register_typed("bdev_malloc_create", |p: BdevMallocCreateParams| async move {
+            if p.name.as_deref() == Some("malloc0") {
+                return Err(RpcError::exists("bdev malloc0 already exists"));
+            }
+            Ok(p.name.unwrap_or_else(|| "Malloc0".into()))
+        })
         .unwrap();
-        r.register_fn("boom", |_| async move { panic!("boom") })
-            .unwrap();
-        r.register(
-            "boom_sync",
-            Arc::new(|_: Option<Value>| -> HandlerFuture { panic!("sync boom") }),
-        )
-        .unwrap();
+        r.register_fn("boom", |_| async move { panic!("boom") }).unwrap();
+        r.register("boom_sync", Arc::new(|_: Option<Value>| -> HandlerFuture { panic!("sync boom") })).unwrap();
         r
     }
 
@@ -249,9 +229,7 @@ mod tests {
     #[test]
     fn register_duplicate_and_unregister() {
         let r = reg();
-        let e = r
-            .register_fn("echo", |_| async { Ok(Value::Null) })
-            .unwrap_err();
+        let e = r.register_fn("echo", |_| async { Ok(Value::Null) }).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EEXIST));
         assert!(r.contains("echo"));
         assert!(r.unregister("echo"));
@@ -263,55 +241,28 @@ mod tests {
     #[test]
     fn typed_errors() {
         let r = reg();
-        let e = block_on(r.call(
-            "bdev_malloc_create",
-            Some(json!({"nmae":"x","num_blocks":1,"block_size":512})),
-        ))
-        .unwrap_err();
+        let e = block_on(r.call("bdev_malloc_create", Some(json!({"nmae":"x","num_blocks":1,"block_size":512}))))
+            .unwrap_err();
         assert_eq!(e.code, INVALID_PARAMS);
-        assert!(
-            e.message
-                .starts_with("invalid params: unknown field \"nmae\""),
-            "{}",
-            e.message
-        );
+        assert!(e.message.starts_with("invalid params: unknown field \"nmae\""), "{}", e.message);
         let e = block_on(r.call("bdev_malloc_create", None)).unwrap_err();
         assert_eq!(e.message, "invalid params: missing field \"num_blocks\"");
-        let e = block_on(r.call(
-            "bdev_malloc_create",
-            Some(json!({"num_blocks":0,"block_size":512})),
-        ))
-        .unwrap_err();
+        let e = block_on(r.call("bdev_malloc_create", Some(json!({"num_blocks":0,"block_size":512})))).unwrap_err();
         assert_eq!(e.message, "invalid params: num_blocks: must be > 0");
-        let e = block_on(r.call(
-            "bdev_malloc_create",
-            Some(json!({"name":"malloc0","num_blocks":1,"block_size":512})),
-        ))
-        .unwrap_err();
+        let e = block_on(r.call("bdev_malloc_create", Some(json!({"name":"malloc0","num_blocks":1,"block_size":512}))))
+            .unwrap_err();
         assert_eq!((e.code, e.errno()), (-17, Some(17)));
         assert_eq!(e.message, "bdev malloc0 already exists");
-        let ok = block_on(r.call(
-            "bdev_malloc_create",
-            Some(json!({"num_blocks":1,"block_size":512})),
-        ));
+        let ok = block_on(r.call("bdev_malloc_create", Some(json!({"num_blocks":1,"block_size":512}))));
         assert_eq!(ok, Ok(json!("Malloc0")));
     }
 
     #[test]
     fn unknown_method_and_panics() {
         let r = reg();
-        assert_eq!(
-            block_on(r.call("nope", None)).unwrap_err().code,
-            METHOD_NOT_FOUND
-        );
-        assert_eq!(
-            block_on(r.call("boom", None)).unwrap_err().code,
-            INTERNAL_ERROR
-        );
-        assert_eq!(
-            block_on(r.call("boom_sync", None)).unwrap_err().code,
-            INTERNAL_ERROR
-        );
+        assert_eq!(block_on(r.call("nope", None)).unwrap_err().code, METHOD_NOT_FOUND);
+        assert_eq!(block_on(r.call("boom", None)).unwrap_err().code, INTERNAL_ERROR);
+        assert_eq!(block_on(r.call("boom_sync", None)).unwrap_err().code, INTERNAL_ERROR);
         // the registry still works after a panic
         assert!(block_on(r.call("echo", None)).is_ok());
     }
@@ -326,10 +277,7 @@ mod tests {
             async move { Ok(m) }
         })
         .unwrap();
-        assert_eq!(
-            block_on(r.call("bad", None)).unwrap_err().code,
-            INTERNAL_ERROR
-        );
+        assert_eq!(block_on(r.call("bad", None)).unwrap_err().code, INTERNAL_ERROR);
     }
 
     #[test]
@@ -342,20 +290,12 @@ mod tests {
             async { Ok(json!(null)) }
         })
         .unwrap();
-        let v =
-            block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"echo","params":[1],"id":1})))
-                .unwrap();
+        let v = block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"echo","params":[1],"id":1}))).unwrap();
         assert_eq!(v, json!({"jsonrpc":"2.0","id":1,"result":[1]}));
-        assert_eq!(
-            block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"count"}))),
-            None
-        );
+        assert_eq!(block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"count"}))), None);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // notification of an unknown method: still no response
-        assert_eq!(
-            block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"zz"}))),
-            None
-        );
+        assert_eq!(block_on(r.handle_value(json!({"jsonrpc":"2.0","method":"zz"}))), None);
         let v = block_on(r.handle_value(json!([
             {"jsonrpc":"2.0","method":"echo","params":{"a":1},"id":"a"},
             {"jsonrpc":"2.0","method":"count"},
@@ -370,10 +310,7 @@ mod tests {
         assert_eq!(code(&a[2]), INVALID_REQUEST as i64);
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         // all-notification batch: nothing
-        assert_eq!(
-            block_on(r.handle_value(json!([{"jsonrpc":"2.0","method":"count"}]))),
-            None
-        );
+        assert_eq!(block_on(r.handle_value(json!([{"jsonrpc":"2.0","method":"count"}]))), None);
         let v = block_on(r.handle_value(json!([]))).unwrap();
         assert_eq!(code(&v), INVALID_REQUEST as i64);
         let v = block_on(r.handle_value(json!("x"))).unwrap();

@@ -30,9 +30,7 @@ impl Validate for () {}
 /// Errors name the field: `unknown field "nmae", expected one of ...`,
 /// `missing field "num_blocks"`, `num_blocks: invalid type: ...`,
 /// `num_blocks: must be > 0`.
-pub fn decode_params<P: DeserializeOwned + Validate>(
-    params: Option<Value>,
-) -> Result<P, ParamError> {
+pub fn decode_params<P: DeserializeOwned + Validate>(params: Option<Value>) -> Result<P, ParamError> {
     let obj = match params {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(o)) => o,
@@ -72,10 +70,7 @@ fn decode_object<P: DeserializeOwned>(obj: Map<String, Value>) -> Result<P, Para
                 Err(e2) => serde_msg(&e2) != msg,
             };
             if changed {
-                return Err(ParamError::Invalid {
-                    field: key.clone(),
-                    reason: msg,
-                });
+                return Err(ParamError::Invalid { field: key.clone(), reason: msg });
             }
         }
     }
@@ -92,10 +87,7 @@ fn check_name(field: &str, name: &str) -> Result<(), ParamError> {
         return Err(ParamError::invalid(field, "must be at most 255 bytes"));
     }
     if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(ParamError::invalid(
-            field,
-            "must not contain whitespace or control characters",
-        ));
+        return Err(ParamError::invalid(field, "must not contain whitespace or control characters"));
     }
     Ok(())
 }
@@ -106,10 +98,7 @@ fn check_opt_name(field: &str, name: &Option<String>) -> Result<(), ParamError> 
 
 fn check_block_size(field: &str, bs: u32) -> Result<(), ParamError> {
     if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
-        return Err(ParamError::invalid(
-            field,
-            "must be a power of two between 512 and 65536",
-        ));
+        return Err(ParamError::invalid(field, "must be a power of two between 512 and 65536"));
     }
     Ok(())
 }
@@ -270,11 +259,7 @@ impl Validate for BdevMallocCreateParams {
         check_opt_name("name", &self.name)?;
         check_positive("num_blocks", self.num_blocks)?;
         check_block_size("block_size", self.block_size)?;
-        if self
-            .num_blocks
-            .checked_mul(u64::from(self.block_size))
-            .is_none()
-        {
+        if self.num_blocks.checked_mul(u64::from(self.block_size)).is_none() {
             return Err(ParamError::invalid("num_blocks", "size overflows 64 bits"));
         }
         Ok(())
@@ -300,11 +285,7 @@ impl Validate for BdevNullCreateParams {
         check_name("name", &self.name)?;
         check_positive("num_blocks", self.num_blocks)?;
         check_block_size("block_size", self.block_size)?;
-        if self
-            .num_blocks
-            .checked_mul(u64::from(self.block_size))
-            .is_none()
-        {
+        if self.num_blocks.checked_mul(u64::from(self.block_size)).is_none() {
             return Err(ParamError::invalid("num_blocks", "size overflows 64 bits"));
         }
         Ok(())
@@ -329,8 +310,7 @@ impl Validate for BdevUringCreateParams {
             return Err(ParamError::invalid("filename", "must not be empty"));
         }
         check_name("name", &self.name)?;
-        self.block_size
-            .map_or(Ok(()), |bs| check_block_size("block_size", bs))
+        self.block_size.map_or(Ok(()), |bs| check_block_size("block_size", bs))
     }
 }
 
@@ -438,19 +418,13 @@ impl Validate for BdevErrorInjectErrorParams {
         check_name("name", &self.name)?;
         if self.is_clear() || self.offline.is_some() {
             if self.error_type.is_some() && self.is_clear() {
-                return Err(ParamError::Conflict(
-                    "clear does not take error_type".into(),
-                ));
+                return Err(ParamError::Conflict("clear does not take error_type".into()));
             }
             if self.is_clear() && self.offline.is_some() {
-                return Err(ParamError::Conflict(
-                    "clear and offline are exclusive".into(),
-                ));
+                return Err(ParamError::Conflict("clear and offline are exclusive".into()));
             }
             if self.offline.is_some() && (self.io_type.is_some() || self.error_type.is_some()) {
-                return Err(ParamError::Conflict(
-                    "offline does not take io_type or error_type".into(),
-                ));
+                return Err(ParamError::Conflict("offline does not take io_type or error_type".into()));
             }
             return Ok(());
         }
@@ -471,9 +445,7 @@ impl Validate for BdevErrorInjectErrorParams {
                 return Err(ParamError::invalid("probability", "must be in (0, 1]"));
             }
             if self.every_nth.is_some() {
-                return Err(ParamError::Conflict(
-                    "every_nth and probability are exclusive".into(),
-                ));
+                return Err(ParamError::Conflict("every_nth and probability are exclusive".into()));
             }
         } else if self.seed.is_some() {
             return Err(ParamError::Conflict("seed requires probability".into()));
@@ -481,15 +453,10 @@ impl Validate for BdevErrorInjectErrorParams {
         let corrupt = self.corrupt_offset.is_some() || self.corrupt_value.is_some();
         if et == ErrorType::CorruptData {
             if self.corrupt_value.unwrap_or(0) == 0 {
-                return Err(ParamError::invalid(
-                    "corrupt_value",
-                    "must be non-zero for corrupt_data",
-                ));
+                return Err(ParamError::invalid("corrupt_value", "must be non-zero for corrupt_data"));
             }
         } else if corrupt {
-            return Err(ParamError::Conflict(
-                "corrupt_offset / corrupt_value need error_type corrupt_data".into(),
-            ));
+            return Err(ParamError::Conflict("corrupt_offset / corrupt_value need error_type corrupt_data".into()));
         }
         Ok(())
     }
@@ -520,16 +487,10 @@ impl Validate for BdevDelayCreateParams {
         check_name("base_bdev_name", &self.base_bdev_name)?;
         check_name("name", &self.name)?;
         if self.p99_read_latency < self.avg_read_latency {
-            return Err(ParamError::invalid(
-                "p99_read_latency",
-                "must be >= avg_read_latency",
-            ));
+            return Err(ParamError::invalid("p99_read_latency", "must be >= avg_read_latency"));
         }
         if self.p99_write_latency < self.avg_write_latency {
-            return Err(ParamError::invalid(
-                "p99_write_latency",
-                "must be >= avg_write_latency",
-            ));
+            return Err(ParamError::invalid("p99_write_latency", "must be >= avg_write_latency"));
         }
         Ok(())
     }
@@ -613,21 +574,14 @@ impl Validate for BdevCacheCreateParams {
         check_name("cache_bdev_name", &self.cache_bdev_name)?;
         check_name("core_bdev_name", &self.core_bdev_name)?;
         if self.cache_bdev_name == self.core_bdev_name {
-            return Err(ParamError::invalid(
-                "core_bdev_name",
-                "must differ from cache_bdev_name",
-            ));
+            return Err(ParamError::invalid("core_bdev_name", "must differ from cache_bdev_name"));
         }
         if let Some(s) = self.segment_size_kib {
             if !(64..=1 << 20).contains(&s) || !s.is_power_of_two() {
-                return Err(ParamError::invalid(
-                    "segment_size_kib",
-                    "must be a power of two between 64 and 1048576",
-                ));
+                return Err(ParamError::invalid("segment_size_kib", "must be a power of two between 64 and 1048576"));
             }
         }
-        self.block_size
-            .map_or(Ok(()), |bs| check_block_size("block_size", bs))
+        self.block_size.map_or(Ok(()), |bs| check_block_size("block_size", bs))
     }
 }
 
@@ -692,18 +646,12 @@ impl Validate for BdevCacheSetSeqcutoffParams {
         check_name("name", &self.name)?;
         if let Some(t) = self.threshold {
             if !(1..=4_194_181).contains(&t) {
-                return Err(ParamError::invalid(
-                    "threshold",
-                    "must be in 1..=4194181 KiB",
-                ));
+                return Err(ParamError::invalid("threshold", "must be in 1..=4194181 KiB"));
             }
         }
         if let Some(p) = self.promotion_count {
             if !(1..=65535).contains(&p) {
-                return Err(ParamError::invalid(
-                    "promotion_count",
-                    "must be in 1..=65535",
-                ));
+                return Err(ParamError::invalid("promotion_count", "must be in 1..=65535"));
             }
         }
         Ok(())
@@ -759,27 +707,16 @@ pub struct BdevCacheSetOptionsParams {
 impl Validate for BdevCacheSetOptionsParams {
     fn validate(&self) -> Result<(), ParamError> {
         check_name("name", &self.name)?;
-        let none = BdevCacheSetOptionsParams {
-            name: self.name.clone(),
-            ..Default::default()
-        };
+        let none = BdevCacheSetOptionsParams { name: self.name.clone(), ..Default::default() };
         if *self == none {
-            return Err(ParamError::Conflict(
-                "at least one option must be given".into(),
-            ));
+            return Err(ParamError::Conflict("at least one option must be given".into()));
         }
         if self.writeback_percent.is_some_and(|p| p > 100) {
-            return Err(ParamError::invalid(
-                "writeback_percent",
-                "must be in 0..=100",
-            ));
+            return Err(ParamError::invalid("writeback_percent", "must be in 0..=100"));
         }
         if let (Some(lo), Some(hi)) = (self.writeback_rate_min, self.writeback_rate_max) {
             if lo > hi {
-                return Err(ParamError::invalid(
-                    "writeback_rate_max",
-                    "must be >= writeback_rate_min",
-                ));
+                return Err(ParamError::invalid("writeback_rate_max", "must be >= writeback_rate_min"));
             }
         }
         if self.writeback_rate_max == Some(0) {
@@ -879,24 +816,16 @@ impl ListenAddr {
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or("expected \"unix:/path\" or \"host:port\"")?;
+        let (host, port) = s.rsplit_once(':').ok_or("expected \"unix:/path\" or \"host:port\"")?;
         let port: u16 = port.parse().map_err(|_| format!("bad port \"{port}\""))?;
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         if host.is_empty() {
             return Err("host is empty".into());
         }
         if host.contains(':') && !s.starts_with('[') {
             return Err("IPv6 addresses must be written [addr]:port".into());
         }
-        Ok(ListenAddr::Tcp {
-            host: host.to_string(),
-            port,
-        })
+        Ok(ListenAddr::Tcp { host: host.to_string(), port })
     }
 }
 
@@ -1049,42 +978,24 @@ mod tests {
 
     #[test]
     fn malloc_decoding_and_errors() {
-        let p: BdevMallocCreateParams = decode_params(Some(
-            json!({"name":"Malloc0","num_blocks":8,"block_size":512}),
-        ))
-        .unwrap();
+        let p: BdevMallocCreateParams =
+            decode_params(Some(json!({"name":"Malloc0","num_blocks":8,"block_size":512}))).unwrap();
         assert_eq!(p.num_blocks, 8);
         let e = err::<BdevMallocCreateParams>(json!({"nmae":"x","num_blocks":8,"block_size":512}));
-        assert!(
-            e.starts_with("unknown field \"nmae\", expected one of \"name\""),
-            "{e}"
-        );
-        assert_eq!(
-            err::<BdevMallocCreateParams>(json!({"block_size":512})),
-            "missing field \"num_blocks\""
-        );
-        assert_eq!(
-            err::<BdevMallocCreateParams>(json!({"num_blocks":0,"block_size":512})),
-            "num_blocks: must be > 0"
-        );
+        assert!(e.starts_with("unknown field \"nmae\", expected one of \"name\""), "{e}");
+        assert_eq!(err::<BdevMallocCreateParams>(json!({"block_size":512})), "missing field \"num_blocks\"");
+        assert_eq!(err::<BdevMallocCreateParams>(json!({"num_blocks":0,"block_size":512})), "num_blocks: must be > 0");
         let e = err::<BdevMallocCreateParams>(json!({"num_blocks":"x","block_size":512}));
-        assert!(
-            e.starts_with("num_blocks: invalid type: string \"x\""),
-            "{e}"
-        );
+        assert!(e.starts_with("num_blocks: invalid type: string \"x\""), "{e}");
         let e = err::<BdevMallocCreateParams>(json!({"num_blocks":1,"block_size":513}));
         assert!(e.starts_with("block_size:"), "{e}");
         let e = err::<BdevMallocCreateParams>(json!({"num_blocks":1,"block_size":512,"uuid":"zz"}));
         assert!(e.starts_with("uuid:"), "{e}");
         let e = err::<BdevMallocCreateParams>(json!({"num_blocks":u64::MAX,"block_size":4096}));
         assert!(e.contains("overflows"), "{e}");
-        let e =
-            err::<BdevMallocCreateParams>(json!({"name":"a b","num_blocks":1,"block_size":512}));
+        let e = err::<BdevMallocCreateParams>(json!({"name":"a b","num_blocks":1,"block_size":512}));
         assert!(e.starts_with("name:"), "{e}");
-        assert_eq!(
-            decode_params::<BdevMallocCreateParams>(Some(json!([1]))),
-            Err(ParamError::NotAnObject)
-        );
+        assert_eq!(decode_params::<BdevMallocCreateParams>(Some(json!([1]))), Err(ParamError::NotAnObject));
         // with too many keys the field cannot be probed but the error stays
         let mut big = Map::new();
         for i in 0..100 {
@@ -1124,10 +1035,7 @@ mod tests {
             "name":"c0","mode":"wt","cache_bdev_name":"x","core_bdev_name":"y","segment_size_kib":100
         }));
         assert!(e.starts_with("segment_size_kib:"), "{e}");
-        for (s, v) in [
-            ("read", ErrorIoType::Read),
-            ("write_zeroes", ErrorIoType::WriteZeroes),
-        ] {
+        for (s, v) in [("read", ErrorIoType::Read), ("write_zeroes", ErrorIoType::WriteZeroes)] {
             assert_eq!(serde_json::from_value::<ErrorIoType>(json!(s)).unwrap(), v);
             assert_eq!(v.as_str(), s);
         }
@@ -1143,52 +1051,29 @@ mod tests {
         let bad = |v: Value| err::<BdevErrorInjectErrorParams>(v);
         ok(json!({"name":"EE_m","io_type":"read","error_type":"failure","num":3}));
         ok(json!({"name":"EE_m","io_type":"all","error_type":"nomem","every_nth":4}));
-        ok(
-            json!({"name":"EE_m","io_type":"write","error_type":"failure","probability":0.5,"seed":7}),
-        );
-        ok(
-            json!({"name":"EE_m","io_type":"read","error_type":"corrupt_data","corrupt_offset":3,"corrupt_value":1}),
-        );
+        ok(json!({"name":"EE_m","io_type":"write","error_type":"failure","probability":0.5,"seed":7}));
+        ok(json!({"name":"EE_m","io_type":"read","error_type":"corrupt_data","corrupt_offset":3,"corrupt_value":1}));
         assert!(ok(json!({"name":"EE_m","clear":true})).is_clear());
         assert!(ok(json!({"name":"EE_m","io_type":"clear"})).is_clear());
         ok(json!({"name":"EE_m","offline":true}));
         assert_eq!(bad(json!({"name":"EE_m"})), "missing field \"io_type\"");
-        assert_eq!(
-            bad(json!({"name":"EE_m","io_type":"read"})),
-            "missing field \"error_type\""
-        );
+        assert_eq!(bad(json!({"name":"EE_m","io_type":"read"})), "missing field \"error_type\"");
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","num":0})).starts_with("num:"));
         assert!(
-            bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","num":0}))
-                .starts_with("num:")
+            bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","every_nth":0})).starts_with("every_nth:")
         );
-        assert!(
-            bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","every_nth":0}))
-                .starts_with("every_nth:")
-        );
-        assert!(bad(
-            json!({"name":"EE_m","io_type":"read","error_type":"failure","probability":1.5})
-        )
-        .starts_with("probability:"));
-        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","probability":0.5,"every_nth":2})).contains("exclusive"));
-        assert!(
-            bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","seed":2}))
-                .contains("seed requires")
-        );
-        assert!(
-            bad(json!({"name":"EE_m","io_type":"read","error_type":"corrupt_data"}))
-                .starts_with("corrupt_value:")
-        );
-        assert!(bad(
-            json!({"name":"EE_m","io_type":"read","error_type":"failure","corrupt_value":1})
-        )
-        .contains("corrupt_data"));
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","probability":1.5}))
+            .starts_with("probability:"));
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","probability":0.5,"every_nth":2}))
+            .contains("exclusive"));
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","seed":2})).contains("seed requires"));
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"corrupt_data"})).starts_with("corrupt_value:"));
+        assert!(bad(json!({"name":"EE_m","io_type":"read","error_type":"failure","corrupt_value":1}))
+            .contains("corrupt_data"));
         assert!(bad(json!({"name":"EE_m","clear":true,"error_type":"failure"})).contains("clear"));
         assert!(bad(json!({"name":"EE_m","clear":true,"offline":false})).contains("exclusive"));
         assert!(bad(json!({"name":"EE_m","offline":true,"io_type":"read"})).contains("offline"));
-        assert!(
-            bad(json!({"name":"EE_m","io_type":"bogus","error_type":"failure"}))
-                .starts_with("io_type:")
-        );
+        assert!(bad(json!({"name":"EE_m","io_type":"bogus","error_type":"failure"})).starts_with("io_type:"));
     }
 
     #[test]
@@ -1202,10 +1087,8 @@ mod tests {
         let mut b = base;
         b["p99_write_latency"] = json!(5);
         assert!(err::<BdevDelayCreateParams>(b).starts_with("p99_write_latency:"));
-        let u: BdevDelayUpdateLatencyParams = decode_params(Some(
-            json!({"delay_bdev_name":"d0","latency_type":"p99_read","latency_us":100}),
-        ))
-        .unwrap();
+        let u: BdevDelayUpdateLatencyParams =
+            decode_params(Some(json!({"delay_bdev_name":"d0","latency_type":"p99_read","latency_us":100}))).unwrap();
         assert_eq!(u.latency_type, DelayLatencyType::P99Read);
         assert!(err::<BdevDelayUpdateLatencyParams>(
             json!({"delay_bdev_name":"d0","latency_type":"p98","latency_us":1})
@@ -1216,70 +1099,42 @@ mod tests {
     #[test]
     fn cache_option_rules() {
         assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c"})).contains("at least one"));
-        decode_params::<BdevCacheSetOptionsParams>(Some(json!({"name":"c","seal_idle_ms":5})))
-            .unwrap();
-        assert!(
-            err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_percent":101}))
-                .starts_with("writeback_percent:")
-        );
-        assert!(err::<BdevCacheSetOptionsParams>(
-            json!({"name":"c","writeback_rate_min":5,"writeback_rate_max":4})
-        )
-        .starts_with("writeback_rate_max:"));
-        assert!(
-            err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_rate_max":0}))
-                .starts_with("writeback_rate_max:")
-        );
-        assert!(
-            err::<BdevCacheSetOptionsParams>(json!({"name":"c","io_error_halflife":0}))
-                .starts_with("io_error_halflife:")
-        );
-        assert!(err::<BdevCacheSetOptionsParams>(
-            json!({"name":"c","stop_when_cache_set_failed":"never"})
-        )
-        .starts_with("stop_when_cache_set_failed:"));
-        assert!(err::<BdevCacheSetSeqcutoffParams>(
-            json!({"name":"c","policy":"always","threshold":0})
-        )
-        .starts_with("threshold:"));
-        assert!(err::<BdevCacheSetSeqcutoffParams>(
-            json!({"name":"c","policy":"always","promotion_count":70000})
-        )
-        .starts_with("promotion_count:"));
+        decode_params::<BdevCacheSetOptionsParams>(Some(json!({"name":"c","seal_idle_ms":5}))).unwrap();
+        assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_percent":101}))
+            .starts_with("writeback_percent:"));
+        assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_rate_min":5,"writeback_rate_max":4}))
+            .starts_with("writeback_rate_max:"));
+        assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_rate_max":0}))
+            .starts_with("writeback_rate_max:"));
+        assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","io_error_halflife":0}))
+            .starts_with("io_error_halflife:"));
+        assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","stop_when_cache_set_failed":"never"}))
+            .starts_with("stop_when_cache_set_failed:"));
+        assert!(err::<BdevCacheSetSeqcutoffParams>(json!({"name":"c","policy":"always","threshold":0}))
+            .starts_with("threshold:"));
+        assert!(err::<BdevCacheSetSeqcutoffParams>(json!({"name":"c","policy":"always","promotion_count":70000}))
+            .starts_with("promotion_count:"));
         decode_params::<BdevCacheSetSeqcutoffParams>(Some(
             json!({"name":"c","policy":"full","threshold":1024,"promotion_count":8}),
         ))
         .unwrap();
         decode_params::<BdevCacheLoadParams>(Some(json!({"cache_bdev_name":"nvme"}))).unwrap();
-        decode_params::<BdevCacheAttachParams>(Some(
-            json!({"name":"c","cache_bdev_name":"nvme","format":true}),
-        ))
-        .unwrap();
+        decode_params::<BdevCacheAttachParams>(Some(json!({"name":"c","cache_bdev_name":"nvme","format":true})))
+            .unwrap();
     }
 
     #[test]
     fn misc_rules() {
         assert!(err::<BdevGetBdevsParams>(json!({"timeout":5})).contains("timeout requires name"));
         decode_params::<BdevGetBdevsParams>(Some(json!({"name":"m","timeout":5}))).unwrap();
-        assert!(
-            err::<BdevUringCreateParams>(json!({"filename":"","name":"u"}))
-                .starts_with("filename:")
-        );
-        assert!(err::<BdevUringCreateParams>(
-            json!({"filename":"/dev/x","name":"u","block_size":100})
-        )
-        .starts_with("block_size:"));
-        assert!(
-            err::<BdevNullCreateParams>(json!({"name":"","num_blocks":1,"block_size":512}))
-                .starts_with("name:")
-        );
+        assert!(err::<BdevUringCreateParams>(json!({"filename":"","name":"u"})).starts_with("filename:"));
+        assert!(err::<BdevUringCreateParams>(json!({"filename":"/dev/x","name":"u","block_size":100}))
+            .starts_with("block_size:"));
+        assert!(err::<BdevNullCreateParams>(json!({"name":"","num_blocks":1,"block_size":512})).starts_with("name:"));
         assert!(err::<BdevErrorCreateParams>(json!({"base_name":""})).starts_with("base_name:"));
         assert!(err::<FrameworkGetConfigParams>(json!({})).contains("\"name\""));
         assert!(err::<NameParams>(json!({"name":"x".repeat(300)})).starts_with("name:"));
-        assert!(
-            err::<NbdExportAddParams>(json!({"bdev_name":"b","export_name":""}))
-                .starts_with("export_name:")
-        );
+        assert!(err::<NbdExportAddParams>(json!({"bdev_name":"b","export_name":""})).starts_with("export_name:"));
         assert!(err::<NbdExportRemoveParams>(json!({"export_name":""})).starts_with("export_name:"));
         let p: NbdExportAddParams = decode_params(Some(json!({"bdev_name":"b"}))).unwrap();
         assert_eq!(p.effective_export_name(), "b");
@@ -1288,24 +1143,9 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(
-            ListenAddr::parse("unix:/tmp/n.sock"),
-            Ok(ListenAddr::Unix("/tmp/n.sock".into()))
-        );
-        assert_eq!(
-            ListenAddr::parse("127.0.0.1:10809"),
-            Ok(ListenAddr::Tcp {
-                host: "127.0.0.1".into(),
-                port: 10809
-            })
-        );
-        assert_eq!(
-            ListenAddr::parse("[::1]:10809"),
-            Ok(ListenAddr::Tcp {
-                host: "::1".into(),
-                port: 10809
-            })
-        );
+        assert_eq!(ListenAddr::parse("unix:/tmp/n.sock"), Ok(ListenAddr::Unix("/tmp/n.sock".into())));
+        assert_eq!(ListenAddr::parse("127.0.0.1:10809"), Ok(ListenAddr::Tcp { host: "127.0.0.1".into(), port: 10809 }));
+        assert_eq!(ListenAddr::parse("[::1]:10809"), Ok(ListenAddr::Tcp { host: "::1".into(), port: 10809 }));
         for bad in ["unix:", "host", "h:99999", ":80", "::1:80", "[]:1"] {
             assert!(ListenAddr::parse(bad).is_err(), "{bad}");
         }
@@ -1324,10 +1164,7 @@ mod tests {
             block_size: None,
         };
         let v = serde_json::to_value(&p).unwrap();
-        assert_eq!(
-            v,
-            json!({"name":"c0","mode":"writethrough","cache_bdev_name":"a","core_bdev_name":"b"})
-        );
+        assert_eq!(v, json!({"name":"c0","mode":"writethrough","cache_bdev_name":"a","core_bdev_name":"b"}));
         assert_eq!(decode_params::<BdevCacheCreateParams>(Some(v)).unwrap(), p);
     }
 
@@ -1342,12 +1179,7 @@ mod tests {
             Some(Err(ParamError::Missing(f))) if f == "name"
         ));
         for (m, _) in METHODS {
-            assert!(
-                check_params(m, Some(&json!({"__bogus": 1})))
-                    .unwrap()
-                    .is_err(),
-                "{m}"
-            );
+            assert!(check_params(m, Some(&json!({"__bogus": 1}))).unwrap().is_err(), "{m}");
         }
     }
 }

@@ -66,10 +66,7 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Defaults with another socket path.
     pub fn with_path(path: impl Into<PathBuf>) -> Self {
-        ServerConfig {
-            path: path.into(),
-            ..Default::default()
-        }
+        ServerConfig { path: path.into(), ..Default::default() }
     }
 }
 
@@ -113,22 +110,14 @@ pub fn start(config: ServerConfig, registry: Arc<Registry>) -> io::Result<Server
         conns: Mutex::new(Vec::new()),
     });
     let s = shared.clone();
-    let accept = std::thread::Builder::new()
-        .name("rpc-accept".into())
-        .spawn(move || accept_loop(listener, s))?;
+    let accept = std::thread::Builder::new().name("rpc-accept".into()).spawn(move || accept_loop(listener, s))?;
     log::info!("rpc server listening on {}", shared.config.path.display());
-    Ok(ServerHandle {
-        shared,
-        accept: Some(accept),
-        ident,
-    })
+    Ok(ServerHandle { shared, accept: Some(accept), ident })
 }
 
 fn file_ident(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
@@ -152,16 +141,15 @@ fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "socket path has no file name"))?;
+    let file_name =
+        path.file_name().ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "socket path has no file name"))?;
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
-    let finish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|_| std::fs::rename(&tmp, path));
+    let finish =
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = finish {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -215,29 +203,20 @@ fn on_connection(mut stream: UnixStream, shared: &Arc<Shared>) {
         shared.active.fetch_sub(1, Ordering::SeqCst);
         log::warn!("rpc: refusing client, {prev} already connected");
         let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-        let err = RpcError::busy(format!(
-            "too many RPC clients (max {})",
-            shared.config.max_clients
-        ));
+        let err = RpcError::busy(format!("too many RPC clients (max {})", shared.config.max_clients));
         let _ = stream.write_all(&wire::encode_response(&Response::error(Id::Null, err)));
         let _ = stream.shutdown(std::net::Shutdown::Both);
         return;
     }
     let s = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name("rpc-conn".into())
-        .spawn(move || {
-            let _guard = ActiveGuard(&s.active);
-            if let Err(e) = serve_connection(stream, &s) {
-                log::debug!("rpc connection ended: {e}");
-            }
-        });
+    let spawned = std::thread::Builder::new().name("rpc-conn".into()).spawn(move || {
+        let _guard = ActiveGuard(&s.active);
+        if let Err(e) = serve_connection(stream, &s) {
+            log::debug!("rpc connection ended: {e}");
+        }
+    });
     match spawned {
-        Ok(h) => shared
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(h),
+        Ok(h) => shared.conns.lock().unwrap_or_else(|e| e.into_inner()).push(h),
         Err(e) => log::error!("rpc: cannot spawn connection thread: {e}"),
     }
 }
@@ -274,12 +253,34 @@ fn serve_connection(mut stream: UnixStream, shared: &Shared) -> io::Result<()> {
                 stream.write_all(&bytes)?;
             }
             if fatal {
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                linger_close(&mut stream, cfg.poll_interval);
                 return Ok(());
             }
             last_activity = Instant::now();
         }
     }
+}
+
+/// Closes after a fatal error so the error response is not lost: closing a
+/// Unix socket with unread input makes the peer's reads fail with
+/// ECONNRESET, so stop writing, discard what the peer still sends (bounded
+/// in time and bytes), then close.
+fn linger_close(stream: &mut UnixStream, step: Duration) {
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(step));
+    let deadline = Instant::now() + Duration::from_millis(250);
+    let mut budget: usize = 4 << 20;
+    let mut buf = [0u8; 16 * 1024];
+    while Instant::now() < deadline && budget > 0 {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => budget = budget.saturating_sub(n),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 /// Runs one decoded item; returns the bytes to send and whether the
@@ -321,8 +322,7 @@ impl ServerHandle {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
-        let conns =
-            std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
+        let conns = std::mem::take(&mut *self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()));
         for h in conns {
             let _ = h.join();
         }
@@ -353,10 +353,7 @@ mod tests {
     }
 
     fn cfg(tag: &str) -> ServerConfig {
-        ServerConfig {
-            poll_interval: Duration::from_millis(10),
-            ..ServerConfig::with_path(tmp_path(tag))
-        }
+        ServerConfig { poll_interval: Duration::from_millis(10), ..ServerConfig::with_path(tmp_path(tag)) }
     }
 
     fn roundtrip(path: &Path, req: &[u8]) -> Value {
@@ -388,10 +385,7 @@ mod tests {
         // a second server must refuse while the first answers
         let e = start(c.clone(), Registry::new()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AddrInUse);
-        let v = roundtrip(
-            &path,
-            br#"{"jsonrpc":"2.0","method":"rpc_get_methods","id":1}"#,
-        );
+        let v = roundtrip(&path, br#"{"jsonrpc":"2.0","method":"rpc_get_methods","id":1}"#);
         assert_eq!(v["result"], json!(["rpc_get_methods"]));
         assert!(format!("{h:?}").contains("ServerHandle"));
         assert_eq!(h.path(), path.as_path());
@@ -421,19 +415,14 @@ mod tests {
         assert_eq!(v["error"]["code"], json!(-libc::EBUSY));
         // the first connection is closed once idle
         let mut first = first;
-        first
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        first.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b = [0u8; 8];
         assert_eq!(first.read(&mut b).unwrap(), 0);
         let t0 = Instant::now();
         while h.active_clients() != 0 && t0.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let v = roundtrip(
-            &path,
-            br#"{"jsonrpc":"2.0","method":"rpc_get_methods","id":2}"#,
-        );
+        let v = roundtrip(&path, br#"{"jsonrpc":"2.0","method":"rpc_get_methods","id":2}"#);
         assert_eq!(v["id"], json!(2));
         drop(h); // Drop stops too
         assert!(!path.exists());
@@ -443,11 +432,7 @@ mod tests {
     fn bad_paths() {
         let e = start(ServerConfig::with_path("/"), Registry::new()).unwrap_err();
         assert_ne!(e.kind(), ErrorKind::AddrInUse);
-        let e = start(
-            ServerConfig::with_path("/nonexistent-dir-tc/x.sock"),
-            Registry::new(),
-        )
-        .unwrap_err();
+        let e = start(ServerConfig::with_path("/nonexistent-dir-tc/x.sock"), Registry::new()).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
     }
 }

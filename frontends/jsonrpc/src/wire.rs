@@ -31,10 +31,9 @@ impl StreamError {
     /// -32700 for bad JSON.
     pub fn to_rpc_error(&self) -> RpcError {
         match self {
-            StreamError::TooLarge { limit } => RpcError::new(
-                INVALID_REQUEST,
-                format!("Invalid request: request exceeds {limit} bytes"),
-            ),
+            StreamError::TooLarge { limit } => {
+                RpcError::new(INVALID_REQUEST, format!("Invalid request: request exceeds {limit} bytes"))
+            }
             StreamError::Parse(msg) => RpcError::parse_error(msg),
         }
     }
@@ -281,17 +280,9 @@ pub fn classify(v: Value) -> Incoming {
     match v {
         Value::Array(items) => {
             if items.is_empty() {
-                return Incoming::Invalid(Response::error(
-                    Id::Null,
-                    RpcError::invalid_request("empty batch"),
-                ));
+                return Incoming::Invalid(Response::error(Id::Null, RpcError::invalid_request("empty batch")));
             }
-            Incoming::Batch(
-                items
-                    .into_iter()
-                    .map(|v| Request::from_value(v).map_err(|b| *b))
-                    .collect(),
-            )
+            Incoming::Batch(items.into_iter().map(|v| Request::from_value(v).map_err(|b| *b)).collect())
         }
         other => match Request::from_value(other) {
             Ok(r) => Incoming::Single(r),
@@ -314,9 +305,7 @@ impl RequestDecoder {
 
     /// A decoder bounding one request to `limit` bytes.
     pub fn with_limit(limit: usize) -> Self {
-        RequestDecoder {
-            stream: JsonStream::with_limit(limit),
-        }
+        RequestDecoder { stream: JsonStream::with_limit(limit) }
     }
 
     /// Appends received bytes.
@@ -430,14 +419,7 @@ mod tests {
 
     #[test]
     fn parse_error_is_fatal_once() {
-        for bad in [
-            &b"{\"a\" 1}"[..],
-            b"}",
-            b"nul ",
-            b"[1,]",
-            b"{\"a\":\xff}",
-            b"\"\xc3\"",
-        ] {
+        for bad in [&b"{\"a\" 1}"[..], b"}", b"nul ", b"[1,]", b"{\"a\":\xff}", b"\"\xc3\""] {
             let mut s = JsonStream::new();
             s.push(bad);
             match s.next_value() {
@@ -464,17 +446,11 @@ mod tests {
         s.push(b"{\"a\":\"0123456789");
         assert_eq!(s.next_value(), None);
         s.push(b"0123");
-        assert_eq!(
-            s.next_value(),
-            Some(Err(StreamError::TooLarge { limit: 16 }))
-        );
+        assert_eq!(s.next_value(), Some(Err(StreamError::TooLarge { limit: 16 })));
         assert_eq!(s.next_value(), None);
         let mut s = JsonStream::with_limit(16);
         s.push(b"[\"0123456789abcdef\"]");
-        assert_eq!(
-            s.next_value(),
-            Some(Err(StreamError::TooLarge { limit: 16 }))
-        );
+        assert_eq!(s.next_value(), Some(Err(StreamError::TooLarge { limit: 16 })));
         // a value within the bound right after others is fine
         let mut s = JsonStream::with_limit(16);
         for _ in 0..10_000 {
@@ -486,16 +462,11 @@ mod tests {
 
     #[test]
     fn stream_error_codes() {
-        assert_eq!(
-            StreamError::Parse("x".into()).to_rpc_error().code,
-            PARSE_ERROR
-        );
+        assert_eq!(StreamError::Parse("x".into()).to_rpc_error().code, PARSE_ERROR);
         let e = StreamError::TooLarge { limit: 5 }.to_rpc_error();
         assert_eq!(e.code, INVALID_REQUEST);
         assert!(e.message.contains("exceeds 5 bytes"));
-        assert!(StreamError::Parse("x".into())
-            .to_string()
-            .contains("invalid JSON"));
+        assert!(StreamError::Parse("x".into()).to_string().contains("invalid JSON"));
     }
 
     #[test]
@@ -551,15 +522,9 @@ mod tests {
     /// same values; random garbage never panics and never over-buffers.
     #[test]
     fn seeded_random_input() {
-        let seed: u64 = std::env::var("TIERCACHE_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            });
+        let seed: u64 = std::env::var("TIERCACHE_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+        });
         println!("seeded_random_input seed={seed} (set TIERCACHE_TEST_SEED to replay)");
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let alphabet = b"{}[]\":,\\ \n0123456789.-+eEtruefalsnl\xc3\xa9ab";
@@ -587,9 +552,8 @@ mod tests {
             let limit = rng.gen_range(8..256);
             let mut s = JsonStream::with_limit(limit);
             for _ in 0..rng.gen_range(1..50) {
-                let chunk: Vec<u8> = (0..rng.gen_range(0..40))
-                    .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
-                    .collect();
+                let chunk: Vec<u8> =
+                    (0..rng.gen_range(0..40)).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect();
                 s.push(&chunk);
                 for r in drain(&mut s) {
                     if r.is_err() {

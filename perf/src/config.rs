@@ -1,0 +1,370 @@
+//! Command line (clap) and the validated job description it turns into.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use serde::Serialize;
+
+use crate::size::parse_size;
+
+/// What the queue slots do.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Sequential reads (each reactor walks its own disjoint region).
+    Read,
+    /// Sequential writes (disjoint regions per reactor).
+    Write,
+    /// Uniform (or --zipf) random reads over the whole device.
+    Randread,
+    /// Uniform (or --zipf) random writes over the whole device.
+    Randwrite,
+    /// Random reads and writes, -M percent reads.
+    Randrw,
+    /// Write self-describing blocks and read them back, checking header and crc32c.
+    Verify,
+}
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Read => "read",
+            Workload::Write => "write",
+            Workload::Randread => "randread",
+            Workload::Randwrite => "randwrite",
+            Workload::Randrw => "randrw",
+            Workload::Verify => "verify",
+        }
+    }
+
+    pub fn is_random(self) -> bool {
+        matches!(self, Workload::Randread | Workload::Randwrite | Workload::Randrw)
+    }
+
+    pub fn is_sequential(self) -> bool {
+        matches!(self, Workload::Read | Workload::Write)
+    }
+}
+
+/// Which half of a verify run to do.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyPass {
+    /// Write each block, read it back at once and compare (bdevperf's verify).
+    Both,
+    /// Only write the pattern (for a later `--verify-pass read`, e.g. across a restart).
+    Write,
+    /// Only read and check blocks written by an earlier `--verify-pass write` with the
+    /// same seed, io size and block size.
+    Read,
+}
+
+/// When a run stops.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum Limit {
+    Time(Duration),
+    /// Total I/Os over all reactors (reads + writes; flushes not counted).
+    Count(u64),
+}
+
+/// A validated job (everything that does not depend on the target's geometry).
+#[derive(Clone, Debug)]
+pub struct JobConfig {
+    pub workload: Workload,
+    /// Percent of reads for randrw.
+    pub read_pct: u8,
+    pub io_size: u64,
+    /// Queue slots (long-lived tasks) per reactor.
+    pub queue_depth: u32,
+    pub limit: Limit,
+    /// Flush after every N writes on each reactor.
+    pub flush_every: Option<u64>,
+    pub zipf_theta: Option<f64>,
+    pub seed: u64,
+    pub verify_pass: VerifyPass,
+}
+
+impl JobConfig {
+    /// A small job for tests and examples.
+    pub fn new(workload: Workload, io_size: u64, queue_depth: u32, limit: Limit, seed: u64) -> JobConfig {
+        JobConfig {
+            workload,
+            read_pct: 50,
+            io_size,
+            queue_depth,
+            limit,
+            flush_every: None,
+            zipf_theta: None,
+            seed,
+            verify_pass: VerifyPass::Both,
+        }
+    }
+}
+
+/// The device under test.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TargetSpec {
+    Null { size: u64, block_size: u32 },
+    Malloc { size: u64, block_size: u32 },
+    Uring { path: PathBuf, block_size: Option<u32> },
+}
+
+/// A full run as asked on the command line.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub job: JobConfig,
+    pub target: TargetSpec,
+    pub cores: Vec<usize>,
+    pub busy_poll: bool,
+    pub json: bool,
+    pub histogram: bool,
+    pub progress: bool,
+    /// The seed was given (`--seed`) rather than drawn.
+    pub seed_given: bool,
+}
+
+/// What the command line asks for.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    Run(Box<RunOptions>),
+    /// Start idle reactors and measure the CPU they use.
+    IdleCheck {
+        cores: Vec<usize>,
+        secs: f64,
+        json: bool,
+    },
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tiercache-perf",
+    version,
+    about = "bdevperf-like load generator: queue slots run as tasks inside pinned tiercache reactors",
+    after_help = "Examples:\n  tiercache-perf --null 1G -w randread -q 128 -t 10 --cores 1\n  tiercache-perf --uring /data/f -w randrw -M 70 -o 4k -q 32 --cores 0,1 --json\n  tiercache-perf --malloc 64M -w verify -q 8 --io-count 100000\n  tiercache-perf --idle-check 10 --cores 1"
+)]
+struct Cli {
+    /// I/O pattern.
+    #[arg(short = 'w', long, value_enum, default_value = "randread")]
+    workload: Workload,
+    /// Percent of reads for randrw (0-100).
+    #[arg(short = 'M', long = "rwmixread", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    read_pct: u8,
+    /// Bytes per I/O (4096, 4k, 128K, 1M); a multiple of the target's block size.
+    #[arg(short = 'o', long = "io-size", default_value = "4k", value_parser = parse_size)]
+    io_size: u64,
+    /// Outstanding I/Os (queue slots) per core.
+    #[arg(short = 'q', long = "queue-depth", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    queue_depth: u32,
+    /// Cores to run reactors on, pinned ("0", "0,1", "0-3").
+    #[arg(long, default_value = "0")]
+    cores: String,
+    /// Run time in seconds (default 10 when --io-count is not given).
+    #[arg(short = 't', long = "time", value_parser = parse_seconds, conflicts_with = "io_count")]
+    time: Option<f64>,
+    /// Stop after N I/Os in total (split over the cores).
+    #[arg(long = "io-count", value_parser = clap::value_parser!(u64).range(1..))]
+    io_count: Option<u64>,
+    /// Flush after every N writes on each core.
+    #[arg(long = "flush-every", value_parser = clap::value_parser!(u64).range(1..))]
+    flush_every: Option<u64>,
+    /// Zipf-skewed random offsets with exponent THETA (> 0; e.g. 0.99, 1.2).
+    #[arg(long, value_name = "THETA", value_parser = parse_theta)]
+    zipf: Option<f64>,
+    /// Seed of every random stream (offsets, read/write mix, data); drawn and printed if absent.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Reactors never sleep (default for perf runs).
+    #[arg(long = "busy-poll", action = ArgAction::SetTrue, overrides_with = "no_busy_poll")]
+    busy_poll: bool,
+    /// Let idle reactors sleep in the kernel.
+    #[arg(long = "no-busy-poll", action = ArgAction::SetTrue, overrides_with = "busy_poll")]
+    no_busy_poll: bool,
+    /// Target: a null bdev of SIZE bytes (completes at once, no data).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "target")]
+    null: Option<u64>,
+    /// Target: a RAM bdev of SIZE bytes.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "target")]
+    malloc: Option<u64>,
+    /// Target: a file or block device through io_uring.
+    #[arg(long, value_name = "FILE", group = "target")]
+    uring: Option<PathBuf>,
+    /// Block size of the target: 512 or 4096 (default 4096 for null/malloc; detected for uring).
+    #[arg(long = "block-size", value_parser = parse_size)]
+    block_size: Option<u64>,
+    /// Print one JSON document at the end (and no progress lines).
+    #[arg(long)]
+    json: bool,
+    /// Print the full latency distribution.
+    #[arg(long)]
+    histogram: bool,
+    /// One line per second while running (default unless --json).
+    #[arg(long, action = ArgAction::SetTrue, overrides_with = "no_progress")]
+    progress: bool,
+    /// No progress lines.
+    #[arg(long = "no-progress", action = ArgAction::SetTrue, overrides_with = "progress")]
+    no_progress: bool,
+    /// verify: write+read back (both), only write, or only read-and-check.
+    #[arg(long = "verify-pass", value_enum, default_value = "both")]
+    verify_pass: VerifyPass,
+    /// Start the reactors idle (no busy-poll), sleep SECS, report the CPU they used.
+    #[arg(long = "idle-check", value_name = "SECS", value_parser = parse_seconds)]
+    idle_check: Option<f64>,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("bad duration {s:?}: expected seconds, e.g. 10 or 0.5"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 30.0 * 86400.0) {
+        return Err(format!("bad duration {s:?}: must be > 0 and at most 30 days"));
+    }
+    Ok(v)
+}
+
+fn parse_theta(s: &str) -> Result<f64, String> {
+    let v: f64 =
+        s.trim().parse().map_err(|_| format!("bad zipf theta {s:?}: expected a number such as 0.99 or 1.2"))?;
+    if !(v.is_finite() && v > 0.0 && v <= 100.0) {
+        return Err(format!("bad zipf theta {s:?}: must be in (0, 100]"));
+    }
+    Ok(v)
+}
+
+fn block_size_arg(bs: Option<u64>) -> Result<Option<u32>, String> {
+    match bs {
+        None => Ok(None),
+        Some(b @ (512 | 4096)) => Ok(Some(b as u32)),
+        Some(b) => Err(format!("bad --block-size {b}: must be 512 or 4096")),
+    }
+}
+
+/// A command-line problem: clap's own (usage, --help, --version) or ours.
+#[derive(Debug)]
+pub enum CliError {
+    Clap(clap::Error),
+    Invalid(String),
+}
+
+impl CliError {
+    /// Process exit code: 0 for --help/--version, 2 for usage errors.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Clap(e) => e.exit_code(),
+            CliError::Invalid(_) => 2,
+        }
+    }
+
+    /// Whether this is --help or --version output rather than an error.
+    pub fn is_info(&self) -> bool {
+        matches!(self, CliError::Clap(e) if e.exit_code() == 0)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CliError::Clap(e) => write!(f, "{}", e.render()),
+            CliError::Invalid(m) => write!(f, "error: {m}\n\nFor more information, try '--help'."),
+        }
+    }
+}
+
+/// CPUs the kernel knows of (not just those in our affinity mask: `taskset -c 0
+/// tiercache-perf --cores 1` is how the benchmarks keep the main thread off the reactor).
+fn configured_cpus() -> usize {
+    // SAFETY: sysconf only reads a system constant; it has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+}
+
+/// A seed from the clock and pid, for runs without `--seed` (always printed).
+fn draw_seed() -> u64 {
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    crate::rng::mix(&[t, std::process::id() as u64]) >> 1 // fits an i64 for JSON consumers
+}
+
+/// Parse a command line (`args[0]` is the program name).
+pub fn parse_args<I, T>(args: I) -> Result<Mode, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args).map_err(CliError::Clap)?;
+    let invalid = CliError::Invalid;
+    let cores = tiercache_engine::reactor::ReactorConfig::parse_core_list(&cli.cores)
+        .map_err(|e| invalid(format!("bad --cores {:?}: {e}", cli.cores)))?;
+    let configured = configured_cpus();
+    if let Some(c) = cores.iter().find(|&&c| c >= configured) {
+        return Err(invalid(format!("bad --cores: core {c} does not exist (this machine has {configured} CPUs)")));
+    }
+    if let Some(secs) = cli.idle_check {
+        return Ok(Mode::IdleCheck { cores, secs, json: cli.json });
+    }
+    let block_size = block_size_arg(cli.block_size).map_err(invalid)?;
+    let target = match (cli.null, cli.malloc, cli.uring) {
+        (Some(size), None, None) => TargetSpec::Null { size, block_size: block_size.unwrap_or(4096) },
+        (None, Some(size), None) => TargetSpec::Malloc { size, block_size: block_size.unwrap_or(4096) },
+        (None, None, Some(path)) => TargetSpec::Uring { path, block_size },
+        _ => return Err(invalid("a target is required: --null SIZE, --malloc SIZE or --uring FILE".into())),
+    };
+    if let TargetSpec::Null { size, block_size } | TargetSpec::Malloc { size, block_size } = &target {
+        if size % *block_size as u64 != 0 {
+            return Err(invalid(format!("target size {size} is not a multiple of the block size {block_size}")));
+        }
+    }
+    if cli.io_size % 512 != 0 {
+        return Err(invalid(format!(
+            "bad --io-size {}: must be a multiple of 512 bytes (the block size)",
+            cli.io_size
+        )));
+    }
+    if cli.io_size > tiercache_engine::bdev::DEFAULT_MAX_IO_BYTES {
+        return Err(invalid(format!(
+            "bad --io-size {}: at most {} bytes per I/O",
+            cli.io_size,
+            tiercache_engine::bdev::DEFAULT_MAX_IO_BYTES
+        )));
+    }
+    if cli.zipf.is_some() && !cli.workload.is_random() {
+        return Err(invalid(format!(
+            "--zipf applies to random workloads (randread, randwrite, randrw), not {}",
+            cli.workload.name()
+        )));
+    }
+    let limit = match (cli.time, cli.io_count) {
+        (_, Some(n)) => Limit::Count(n),
+        (Some(t), None) => Limit::Time(Duration::from_secs_f64(t)),
+        (None, None) => Limit::Time(Duration::from_secs(10)),
+    };
+    let (seed, seed_given) = match cli.seed {
+        Some(s) => (s, true),
+        None => (draw_seed(), false),
+    };
+    let job = JobConfig {
+        workload: cli.workload,
+        read_pct: cli.read_pct,
+        io_size: cli.io_size,
+        queue_depth: cli.queue_depth,
+        limit,
+        flush_every: cli.flush_every,
+        zipf_theta: cli.zipf,
+        seed,
+        verify_pass: cli.verify_pass,
+    };
+    let progress = if cli.no_progress { false } else { cli.progress || !cli.json };
+    Ok(Mode::Run(Box::new(RunOptions {
+        job,
+        target,
+        cores,
+        busy_poll: !cli.no_busy_poll,
+        json: cli.json,
+        histogram: cli.histogram,
+        progress,
+        seed_given,
+    })))
+}

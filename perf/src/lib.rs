@@ -1,0 +1,147 @@
+//! tiercache-perf: a bdevperf-like load generator that runs inside tiercache's reactors.
+//!
+//! Each reactor runs `-q` long-lived tasks; each task loops submit → await → record, reusing
+//! the buffer that came back with the completion. Latency goes into a per-reactor
+//! `hdrhistogram` (merged after the run). See `tiercache-perf --help` and
+//! docs/benchmarks.md.
+//!
+//! The binary is a thin wrapper over [`run_cli`], so tests run the real command in-process.
+
+pub mod config;
+pub mod idle;
+pub mod job;
+pub mod pattern;
+pub mod report;
+pub mod rng;
+pub mod size;
+pub mod target;
+pub mod zipf;
+
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tiercache_engine::reactor::{ReactorConfig, ReactorSet};
+
+pub use config::{parse_args, CliError, JobConfig, Limit, Mode, RunOptions, TargetSpec, VerifyPass, Workload};
+pub use job::run_job;
+pub use report::Report;
+
+/// Exit code of a run that completed but found I/O errors or verify mismatches, or could
+/// not start.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code of a usage error.
+pub const EXIT_USAGE: i32 = 2;
+
+/// Start the reactors of a run: pinned, busy-polling unless told otherwise, with a ring
+/// deep enough for the queue depth.
+pub fn start_reactors(cores: &[Option<usize>], busy_poll: bool, queue_depth: u32) -> Result<ReactorSet, String> {
+    let base = ReactorConfig::default();
+    let cfg = ReactorConfig {
+        cores: cores.to_vec(),
+        busy_poll,
+        ring_entries: base.ring_entries.max(queue_depth.next_power_of_two()),
+        name: "perf-reactor".into(),
+        ..base
+    };
+    ReactorSet::start(cfg).map_err(|e| format!("cannot start reactors on {cores:?}: {e}"))
+}
+
+/// Run a parsed job end to end: create the target, start reactors, run, build the report.
+/// Progress lines (if enabled) go to `out`.
+pub fn run(opts: &RunOptions, out: &mut dyn Write, stop: Arc<AtomicBool>) -> Result<Report, String> {
+    let (bdev, target) = target::create(&opts.target)?;
+    let cores: Vec<Option<usize>> = opts.cores.iter().map(|&c| Some(c)).collect();
+    let config = report::ConfigEcho::new(&opts.job, &cores, opts.busy_poll);
+    // Fail on geometry before starting threads.
+    job::check_geometry(&opts.job, bdev.as_ref(), cores.len())?;
+    if !opts.json {
+        let _ = write!(out, "{}", report::header(&config, &target, opts.seed_given));
+        let _ = out.flush();
+    }
+    let set = start_reactors(&cores, opts.busy_poll, opts.job.queue_depth)?;
+    let progress: Option<&mut dyn Write> = if opts.progress { Some(out) } else { None };
+    let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
+    set.stop();
+    bdev.shutdown();
+    Ok(report::build(outcome?, config, target, opts.histogram))
+}
+
+/// The whole command: parse, run, print. Returns the process exit code (0 ok, 1 I/O
+/// errors / verify mismatches / setup failure, 2 usage error).
+pub fn run_cli<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write, stop: Arc<AtomicBool>) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let mode = match parse_args(args) {
+        Ok(m) => m,
+        Err(e) => {
+            let w: &mut dyn Write = if e.is_info() { out } else { err };
+            let _ = write!(w, "{e}");
+            if !e.to_string().ends_with('\n') {
+                let _ = writeln!(w);
+            }
+            return e.exit_code();
+        }
+    };
+    match mode {
+        Mode::IdleCheck { cores, secs, json } => match idle::idle_check(&cores, secs) {
+            Ok(r) => {
+                if json {
+                    let _ = writeln!(out, "{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "idle-check: {} idle reactor(s) on cores {:?} for {:.2} s: utime {:.3} s + stime {:.3} s = {:.3}% of one core ({} loop iterations, {} sleeps)",
+                        r.cores.len(),
+                        r.cores,
+                        r.wall_s,
+                        r.utime_s,
+                        r.stime_s,
+                        r.cpu_pct_of_one_core,
+                        r.reactor_iterations,
+                        r.reactor_sleeps
+                    );
+                }
+                0
+            }
+            Err(e) => {
+                let _ = writeln!(err, "tiercache-perf: {e}");
+                EXIT_FAILED
+            }
+        },
+        Mode::Run(opts) => match run(&opts, out, stop) {
+            Ok(report) => {
+                if opts.json {
+                    match serde_json::to_string_pretty(&report) {
+                        Ok(s) => {
+                            let _ = writeln!(out, "{s}");
+                        }
+                        Err(e) => {
+                            let _ = writeln!(err, "tiercache-perf: cannot encode the report: {e}");
+                            return EXIT_FAILED;
+                        }
+                    }
+                } else {
+                    let _ = write!(out, "{}", report::render_text(&report));
+                }
+                if let Some(v) = report.verify.as_ref().filter(|v| v.mismatches > 0) {
+                    let _ = writeln!(err, "tiercache-perf: verify FAILED: {} mismatching block(s)", v.mismatches);
+                }
+                if report.total.errors > 0 {
+                    let _ = writeln!(err, "tiercache-perf: {} I/O error(s)", report.total.errors);
+                }
+                if report.ok {
+                    0
+                } else {
+                    EXIT_FAILED
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(err, "tiercache-perf: {e}");
+                EXIT_FAILED
+            }
+        },
+    }
+}

@@ -21,9 +21,9 @@ pub trait Validate {
     }
 }
 
-/// Result of any method that takes no params: accepts absent, `null` or `{}`.
+/// Raw params (a handler that decodes them itself): any object, absent or
+/// `null` (seen as `{}`).
 impl Validate for Value {}
-impl Validate for () {}
 
 /// Decodes `params` (absent / `null` = `{}`) into `P` and validates it.
 ///

@@ -597,7 +597,12 @@ mod tests {
         a.add_subsystem_fn("bdev", &[], || async {
             Ok(vec![ConfigEntry::new(
                 "bdev_malloc_create",
-                &BdevMallocCreateParams { name: Some("m0".into()), num_blocks: 8, block_size: 512, uuid: None },
+                &BdevMallocCreateParams {
+                    name: Some("m0".into()),
+                    num_blocks: 8,
+                    block_size: 512,
+                    ..Default::default()
+                },
             )?])
         })
         .unwrap();

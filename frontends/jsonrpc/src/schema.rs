@@ -110,6 +110,28 @@ fn check_positive(field: &str, v: u64) -> Result<(), ParamError> {
     Ok(())
 }
 
+/// SPDK's metadata / DIF knobs: accepted at their "none" values only.
+fn check_spdk_metadata(
+    block_size: u32,
+    physical_block_size: Option<u32>,
+    md_size: Option<u32>,
+    dif_type: Option<u32>,
+    dif_pi_format: Option<u32>,
+) -> Result<(), ParamError> {
+    if let Some(pbs) = physical_block_size {
+        check_block_size("physical_block_size", pbs)?;
+        if pbs < block_size {
+            return Err(ParamError::invalid("physical_block_size", "must be >= block_size"));
+        }
+    }
+    for (field, v) in [("md_size", md_size), ("dif_type", dif_type), ("dif_pi_format", dif_pi_format)] {
+        if v.unwrap_or(0) != 0 {
+            return Err(ParamError::invalid(field, "metadata / protection information is not supported (must be 0)"));
+        }
+    }
+    Ok(())
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -240,7 +262,7 @@ impl Validate for BdevGetIostatParams {
 
 /// `bdev_malloc_create`; SPDK: same name and params (a subset: no
 /// metadata / DIF options). Returns the bdev name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BdevMallocCreateParams {
     /// Bdev name; generated (`MallocN`) when absent, as in SPDK.
@@ -253,6 +275,32 @@ pub struct BdevMallocCreateParams {
     /// Bdev UUID; random when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<Uuid>,
+    /// SPDK: physical block size (power of two, >= `block_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
+    /// SPDK: metadata size; tiercache has no metadata, only 0 is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md_size: Option<u32>,
+    /// SPDK: protection information type; only 0 (none) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_type: Option<u32>,
+    /// SPDK: PI at head of metadata; meaningless without metadata (rpc.py
+    /// always sends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_is_head_of_md: Option<bool>,
+    /// SPDK: PI format; only 0 is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_pi_format: Option<u32>,
+    /// SPDK: metadata interleaved; meaningless without metadata (rpc.py
+    /// always sends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md_interleave: Option<bool>,
+    /// SPDK: split I/O on this boundary, in blocks (0 = off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub optimal_io_boundary: Option<u32>,
+    /// SPDK: NUMA node for the memory (-1 = any); a placement hint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_id: Option<i32>,
 }
 impl Validate for BdevMallocCreateParams {
     fn validate(&self) -> Result<(), ParamError> {
@@ -262,12 +310,12 @@ impl Validate for BdevMallocCreateParams {
         if self.num_blocks.checked_mul(u64::from(self.block_size)).is_none() {
             return Err(ParamError::invalid("num_blocks", "size overflows 64 bits"));
         }
-        Ok(())
+        check_spdk_metadata(self.block_size, self.physical_block_size, self.md_size, self.dif_type, self.dif_pi_format)
     }
 }
 
 /// `bdev_null_create`; SPDK: same name and params (name required).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BdevNullCreateParams {
     /// Bdev name.
@@ -279,6 +327,22 @@ pub struct BdevNullCreateParams {
     /// Bdev UUID; random when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<Uuid>,
+    /// SPDK: physical block size (power of two, >= `block_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical_block_size: Option<u32>,
+    /// SPDK: metadata size; tiercache has no metadata, only 0 is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub md_size: Option<u32>,
+    /// SPDK: protection information type; only 0 (none) is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_type: Option<u32>,
+    /// SPDK: PI at head of metadata; meaningless without metadata (rpc.py
+    /// always sends it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_is_head_of_md: Option<bool>,
+    /// SPDK: PI format; only 0 is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dif_pi_format: Option<u32>,
 }
 impl Validate for BdevNullCreateParams {
     fn validate(&self) -> Result<(), ParamError> {
@@ -288,7 +352,7 @@ impl Validate for BdevNullCreateParams {
         if self.num_blocks.checked_mul(u64::from(self.block_size)).is_none() {
             return Err(ParamError::invalid("num_blocks", "size overflows 64 bits"));
         }
-        Ok(())
+        check_spdk_metadata(self.block_size, self.physical_block_size, self.md_size, self.dif_type, self.dif_pi_format)
     }
 }
 
@@ -1002,6 +1066,24 @@ mod tests {
             big.insert(format!("k{i}"), json!(i));
         }
         assert!(decode_params::<NoParams>(Some(Value::Object(big))).is_err());
+    }
+
+    #[test]
+    fn spdk_rpc_py_malloc_and_null_params() {
+        // what rpc.py (PyPI `spdk`) sends for `bdev_malloc_create -b m1 8 512`
+        decode_params::<BdevMallocCreateParams>(Some(json!({"num_blocks":16384,"block_size":512,
+            "name":"m1","md_interleave":false,"dif_is_head_of_md":false})))
+        .unwrap();
+        decode_params::<BdevNullCreateParams>(Some(json!({"num_blocks":16384,"block_size":512,
+            "name":"n1","dif_is_head_of_md":false,"md_size":0,"physical_block_size":4096})))
+        .unwrap();
+        let e = err::<BdevMallocCreateParams>(json!({"num_blocks":1,"block_size":512,"md_size":8}));
+        assert!(e.starts_with("md_size:"), "{e}");
+        let e = err::<BdevNullCreateParams>(json!({"name":"n","num_blocks":1,"block_size":512,"dif_type":1}));
+        assert!(e.starts_with("dif_type:"), "{e}");
+        let e =
+            err::<BdevNullCreateParams>(json!({"name":"n","num_blocks":1,"block_size":4096,"physical_block_size":512}));
+        assert!(e.starts_with("physical_block_size:"), "{e}");
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct HandshakeConfig {
     /// accepted and no option replies are ever sent to them.
     pub require_fixed_newstyle: bool,
     /// Largest `INFO`/`GO` payload buffered; larger ones get `ERR_TOO_BIG`.
+    /// Also caps `EXPORT_NAME` (with the spec's 4096-byte string limit);
+    /// a longer name is a hard disconnect, as that option cannot error.
     pub max_option_data: u32,
     /// Largest option payload read and discarded; larger ones disconnect.
     pub max_option_skip: u32,
@@ -587,7 +589,7 @@ impl<C: ExportCatalog> Handshake<C> {
             }
             // EXPORT_NAME cannot be answered with an error: disconnect instead.
             Some(OptionCode::ExportName) if self.shutting_down => self.fail(HandshakeError::ShuttingDown),
-            Some(OptionCode::ExportName) if len as usize > MAX_STRING_LEN => {
+            Some(OptionCode::ExportName) if len as usize > MAX_STRING_LEN || len > self.config.max_option_data => {
                 self.fail(HandshakeError::OptionTooLarge { option: opt, length: len })
             }
             Some(OptionCode::Info | OptionCode::Go) if len > self.config.max_option_data => {
@@ -856,6 +858,18 @@ pub(crate) mod tests {
         run(&mut hs, &big);
         assert_eq!(hs.state(), &HandshakeState::Failed(HandshakeError::OptionTooLarge { option: 1, length: u32::MAX }));
         assert_eq!(hs.input_buffer_capacity(), 0, "absurd length never allocated");
+    }
+
+    #[test]
+    fn export_name_respects_small_max_option_data() {
+        // Regression (found by the nbd_handshake fuzz target): the name was
+        // buffered up to 4096 bytes even when max_option_data was smaller.
+        let cfg = HandshakeConfig { max_option_data: 512, ..HandshakeConfig::default() };
+        let mut hs = Handshake::with_config(catalog(), cfg);
+        hs.feed(&[0, 0, 0, 1]);
+        hs.feed(&opt(1, &[b'a'; 1032]));
+        assert!(hs.input_buffer_capacity() <= 512);
+        assert_eq!(hs.state(), &HandshakeState::Failed(HandshakeError::OptionTooLarge { option: 1, length: 1032 }));
     }
 
     #[test]

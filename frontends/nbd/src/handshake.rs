@@ -339,6 +339,18 @@ fn clamp_str(s: &str) -> &str {
     s.get(..end).unwrap_or("")
 }
 
+/// Append one fixed-newstyle option reply (header + concatenated `parts`).
+fn push_reply(out: &mut Vec<u8>, opt: u32, ty: OptionReply, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&opt.to_be_bytes());
+    out.extend_from_slice(&ty.raw().to_be_bytes());
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
 fn parse_string(bytes: &[u8]) -> Option<&str> {
     if bytes.len() > MAX_STRING_LEN || bytes.contains(&0) {
         return None;
@@ -546,14 +558,7 @@ impl<C: ExportCatalog> Handshake<C> {
     }
 
     fn reply(&mut self, opt: u32, ty: OptionReply, parts: &[&[u8]]) {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        self.out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        self.out.extend_from_slice(&opt.to_be_bytes());
-        self.out.extend_from_slice(&ty.raw().to_be_bytes());
-        self.out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-        for p in parts {
-            self.out.extend_from_slice(p);
-        }
+        push_reply(&mut self.out, opt, ty, parts);
     }
 
     /// Discard `len` payload bytes, then answer `reply` with message `msg`.
@@ -616,14 +621,12 @@ impl<C: ExportCatalog> Handshake<C> {
     }
 
     fn on_list(&mut self, opt: u32) {
-        let mut entries: Vec<(String, String)> = Vec::new();
+        let out = &mut self.out;
         self.catalog.for_each_export(&mut |name, desc| {
-            entries.push((clamp_str(name).to_owned(), clamp_str(desc).to_owned()));
-        });
-        for (name, desc) in &entries {
+            let (name, desc) = (clamp_str(name), clamp_str(desc));
             let name_len = (name.len() as u32).to_be_bytes();
-            self.reply(opt, OptionReply::Server, &[&name_len, name.as_bytes(), desc.as_bytes()]);
-        }
+            push_reply(out, opt, OptionReply::Server, &[&name_len, name.as_bytes(), desc.as_bytes()]);
+        });
         self.reply(opt, OptionReply::Ack, &[]);
     }
 

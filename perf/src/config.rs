@@ -61,6 +61,16 @@ pub enum VerifyPass {
     Read,
 }
 
+impl VerifyPass {
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyPass::Both => "both",
+            VerifyPass::Write => "write",
+            VerifyPass::Read => "read",
+        }
+    }
+}
+
 /// When a run stops.
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub enum Limit {
@@ -118,6 +128,9 @@ pub struct RunOptions {
     pub target: TargetSpec,
     pub cores: Vec<usize>,
     pub busy_poll: bool,
+    /// With busy-poll off: how long a reactor spins without work before it sleeps in the
+    /// kernel (None = the engine's default).
+    pub idle_threshold: Option<Duration>,
     pub json: bool,
     pub histogram: bool,
     pub progress: bool,
@@ -181,6 +194,10 @@ struct Cli {
     /// Let idle reactors sleep in the kernel.
     #[arg(long = "no-busy-poll", action = ArgAction::SetTrue, overrides_with = "busy_poll")]
     no_busy_poll: bool,
+    /// With --no-busy-poll: microseconds a reactor spins without work before sleeping in
+    /// io_uring_enter (0 = sleep as soon as an iteration finds nothing; engine default 1000).
+    #[arg(long = "idle-threshold-us", value_name = "US", requires = "no_busy_poll")]
+    idle_threshold_us: Option<u64>,
     /// Target: a null bdev of SIZE bytes (completes at once, no data).
     #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "target")]
     null: Option<u64>,
@@ -362,6 +379,7 @@ where
         target,
         cores,
         busy_poll: !cli.no_busy_poll,
+        idle_threshold: cli.idle_threshold_us.map(Duration::from_micros),
         json: cli.json,
         histogram: cli.histogram,
         progress,

@@ -85,6 +85,32 @@ pub struct ReactorResult {
     pub hist: Histogram<u64>,
     pub mismatches: Vec<Mismatch>,
     pub errors: Vec<IoError>,
+    /// The reactor's io_uring counters over the job (evidence for batching questions).
+    pub ring: RingDelta,
+}
+
+/// Change of a reactor's io_uring counters during the job.
+#[derive(Copy, Clone, Debug, Default, Serialize)]
+pub struct RingDelta {
+    /// SQEs pushed.
+    pub submitted: u64,
+    /// CQEs reaped.
+    pub completed: u64,
+    /// `io_uring_enter` calls (submissions and waits).
+    pub enter_calls: u64,
+    /// Times an operation waited for a free ring slot.
+    pub backpressure_waits: u64,
+}
+
+impl RingDelta {
+    fn between(a: &reactor::UringStats, b: &reactor::UringStats) -> RingDelta {
+        RingDelta {
+            submitted: b.submitted - a.submitted,
+            completed: b.completed - a.completed,
+            enter_calls: b.enter_calls - a.enter_calls,
+            backpressure_waits: b.backpressure_waits - a.backpressure_waits,
+        }
+    }
 }
 
 /// A cache line of its own for each reactor's progress counter.
@@ -374,6 +400,7 @@ async fn reactor_job(
         .map_err(|e| format!("reactor {index}: cannot open a channel to {}: {e}", shared.desc.name()))?;
     let (seq_lo, seq_hi) = split(shared.num_slots, shared.reactors as u64, index as u64);
     let q = shared.cfg.queue_depth as u64;
+    let ring0 = reactor::uring_stats().unwrap_or_default();
     let start = Instant::now();
     let deadline = match shared.cfg.limit {
         Limit::Time(d) => Some(start + d),
@@ -407,6 +434,7 @@ async fn reactor_job(
         j.await;
     }
     let elapsed = start.elapsed();
+    let ring = RingDelta::between(&ring0, &reactor::uring_stats().unwrap_or_default());
     shared.desc.close_channel();
     let ctx = Rc::try_unwrap(ctx).map_err(|_| format!("reactor {index}: a queue slot outlived the job"))?;
     Ok(ReactorResult {
@@ -417,6 +445,7 @@ async fn reactor_job(
         hist: ctx.hist.into_inner(),
         mismatches: ctx.mismatches.into_inner(),
         errors: ctx.errors.into_inner(),
+        ring,
     })
 }
 

@@ -35,11 +35,17 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// Start the reactors of a run: pinned, busy-polling unless told otherwise, with a ring
 /// deep enough for the queue depth.
-pub fn start_reactors(cores: &[Option<usize>], busy_poll: bool, queue_depth: u32) -> Result<ReactorSet, String> {
+pub fn start_reactors(
+    cores: &[Option<usize>],
+    busy_poll: bool,
+    idle_threshold: Option<std::time::Duration>,
+    queue_depth: u32,
+) -> Result<ReactorSet, String> {
     let base = ReactorConfig::default();
     let cfg = ReactorConfig {
         cores: cores.to_vec(),
         busy_poll,
+        idle_threshold: idle_threshold.unwrap_or(base.idle_threshold),
         ring_entries: base.ring_entries.max(queue_depth.next_power_of_two()),
         name: "perf-reactor".into(),
         ..base
@@ -59,7 +65,7 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write, stop: Arc<AtomicBool>) -> Res
         let _ = write!(out, "{}", report::header(&config, &target, opts.seed_given));
         let _ = out.flush();
     }
-    let set = start_reactors(&cores, opts.busy_poll, opts.job.queue_depth)?;
+    let set = start_reactors(&cores, opts.busy_poll, opts.idle_threshold, opts.job.queue_depth)?;
     let progress: Option<&mut dyn Write> = if opts.progress { Some(out) } else { None };
     let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
     set.stop();

@@ -6,7 +6,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::config::{JobConfig, Limit, VerifyPass, Workload};
-use crate::job::{core_label, new_histogram, IoError, JobOutcome, ReactorResult, MAX_MISMATCH_DETAILS};
+use crate::job::{core_label, new_histogram, IoError, JobOutcome, ReactorResult, RingDelta, MAX_MISMATCH_DETAILS};
 use crate::pattern::Mismatch;
 
 /// Latency summary in microseconds.
@@ -66,6 +66,8 @@ pub struct CoreStats {
     pub iops: f64,
     pub mib_s: f64,
     pub latency_us: LatencyUs,
+    /// The reactor's io_uring counters during the job (summed in the total).
+    pub ring: RingDelta,
 }
 
 /// Flush statistics (flush latency is not part of the read/write histogram).
@@ -195,6 +197,7 @@ fn core_stats(r: &ReactorResult) -> CoreStats {
         iops: round2(rate(ios, secs)),
         mib_s: round2(rate(r.counts.bytes, secs) / (1024.0 * 1024.0)),
         latency_us: LatencyUs::from_histogram(&r.hist),
+        ring: r.ring,
     }
 }
 
@@ -257,6 +260,12 @@ pub fn build(outcome: JobOutcome, config: ConfigEcho, target: TargetEcho, want_h
         iops: round2(cores.iter().map(|c| c.iops).sum()),
         mib_s: round2(cores.iter().map(|c| c.mib_s).sum()),
         latency_us: LatencyUs::from_histogram(&hist),
+        ring: cores.iter().fold(RingDelta::default(), |a, c| RingDelta {
+            submitted: a.submitted + c.ring.submitted,
+            completed: a.completed + c.ring.completed,
+            enter_calls: a.enter_calls + c.ring.enter_calls,
+            backpressure_waits: a.backpressure_waits + c.ring.backpressure_waits,
+        }),
     };
     let verify = (config.workload == Workload::Verify).then(|| VerifyStats {
         pass: config.verify_pass.unwrap_or(VerifyPass::Both),
@@ -322,7 +331,7 @@ pub fn header(config: &ConfigEcho, target: &TargetEcho, seed_given: bool) -> Str
         if config.busy_poll { "on" } else { "off" },
         config.zipf_theta.map(|t| format!(", zipf theta {t}")).unwrap_or_default(),
         config.flush_every.map(|n| format!(", flush every {n} writes")).unwrap_or_default(),
-        config.verify_pass.map(|p| format!(", verify pass {p:?}").to_lowercase()).unwrap_or_default(),
+        config.verify_pass.map(|p| format!(", verify pass {}", p.name())).unwrap_or_default(),
     );
     s
 }
@@ -362,6 +371,16 @@ pub fn render_text(r: &Report) -> String {
             String::new()
         }
     );
+    if t.ring.submitted > 0 {
+        let _ = writeln!(
+            s,
+            "io_uring: {} SQEs in {} io_uring_enter calls ({:.2} SQEs per call), {} backpressure waits",
+            t.ring.submitted,
+            t.ring.enter_calls,
+            t.ring.submitted as f64 / t.ring.enter_calls.max(1) as f64,
+            t.ring.backpressure_waits
+        );
+    }
     for e in &r.io_errors {
         let _ = writeln!(
             s,
@@ -370,8 +389,13 @@ pub fn render_text(r: &Report) -> String {
         );
     }
     if let Some(v) = &r.verify {
-        let _ =
-            writeln!(s, "verify ({:?} pass): {} blocks checked, {} mismatches", v.pass, v.blocks_checked, v.mismatches);
+        let _ = writeln!(
+            s,
+            "verify ({} pass): {} blocks checked, {} mismatches",
+            v.pass.name(),
+            v.blocks_checked,
+            v.mismatches
+        );
         for m in &v.details {
             let _ = writeln!(s, "MISMATCH {m}");
         }

@@ -14,7 +14,7 @@ use tiercache_perf::{run_job, start_reactors, JobConfig};
 /// Run `cfg` on `reactors` unpinned, busy-polling reactors against `bdev`.
 pub fn run(bdev: Arc<dyn Bdev>, cfg: &JobConfig, reactors: usize) -> Report {
     let cores = vec![None; reactors];
-    let set = start_reactors(&cores, true, cfg.queue_depth).expect("reactors start");
+    let set = start_reactors(&cores, true, None, cfg.queue_depth).expect("reactors start");
     let outcome = run_job(&set, bdev.clone(), &cores, cfg, None, Arc::new(AtomicBool::new(false))).expect("job runs");
     set.stop();
     let info = bdev.info();

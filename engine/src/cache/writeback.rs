@@ -175,7 +175,7 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
     drop(part);
     // 2. Everything up to `seq` must be clean before writeback_seq may move there: an
     //    older segment still open on some reactor would otherwise be ignored at replay.
-    if set.index.clean_watermark().0 <= seq {
+    if set.index.clean_watermark().0 < seq {
         seal_everywhere(set);
         std::thread::sleep(Duration::from_millis(1));
         return Ok(true);

@@ -95,7 +95,7 @@ fn layout(cap: usize) -> Layout {
 }
 
 fn raw_alloc(cap: usize) -> NonNull<u8> {
-    debug_assert!(cap > 0 && cap % BUF_ALIGN == 0);
+    debug_assert!(cap > 0 && cap.is_multiple_of(BUF_ALIGN));
     let layout = layout(cap);
     // SAFETY: `layout` has a non-zero size.
     let ptr = unsafe { alloc::alloc_zeroed(layout) };

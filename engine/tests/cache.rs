@@ -38,7 +38,12 @@ fn make_rig(cache_mib: u64, backing_mib: u64) -> Rig {
     }
 }
 
-fn build(rig: &Rig, cache_disk: Arc<SimDisk>, backing_disk: Arc<SimDisk>, format: bool) -> Result<Arc<CachedBdev>, String> {
+fn build(
+    rig: &Rig,
+    cache_disk: Arc<SimDisk>,
+    backing_disk: Arc<SimDisk>,
+    format: bool,
+) -> Result<Arc<CachedBdev>, String> {
     let rs = rig.set.clone();
     rig.set
         .block_on(0, move || async move {
@@ -138,7 +143,10 @@ fn flushed_writes_survive_a_power_cut_and_unflushed_ones_are_old_or_new() {
     let desc2 = BdevDesc::new(cb2.clone());
     for lba in 0..64 {
         let got = read(&rig2, 0, &desc2, lba, 1);
-        assert!(got == pattern(lba, 1) || got == pattern(lba, 2), "lba {lba}: neither the flushed nor the later version");
+        assert!(
+            got == pattern(lba, 1) || got == pattern(lba, 2),
+            "lba {lba}: neither the flushed nor the later version"
+        );
     }
     assert_eq!(read(&rig2, 1, &desc2, 100, 1), pattern(100, 7), "FUA write lost");
     cb2.cache_set().stop_migration();

@@ -127,7 +127,12 @@ fn idle_reactors_sleep_and_wake_on_messages() {
     let after = s.stats();
     for (b, a) in before.iter().zip(&after) {
         // A sleeping reactor iterates rarely: far fewer than a spinning one (millions/s).
-        assert!(a.iterations - b.iterations < 1000, "reactor {} kept spinning: {} iterations", a.index, a.iterations - b.iterations);
+        assert!(
+            a.iterations - b.iterations < 1000,
+            "reactor {} kept spinning: {} iterations",
+            a.index,
+            a.iterations - b.iterations
+        );
     }
     let t = Instant::now();
     let v = s.block_on(1, || async { 42 }).unwrap();
@@ -151,7 +156,8 @@ fn busy_poll_reactors_never_sleep() {
 fn stop_drops_pending_tasks_and_run_on_reports_cancel() {
     let s = set(1);
     let s2 = s.clone();
-    let pending = std::thread::spawn(move || s2.block_on(0, || async { reactor::sleep(Duration::from_secs(3600)).await }));
+    let pending =
+        std::thread::spawn(move || s2.block_on(0, || async { reactor::sleep(Duration::from_secs(3600)).await }));
     std::thread::sleep(Duration::from_millis(50));
     s.stop();
     assert_eq!(pending.join().unwrap(), Err(reactor::Canceled));

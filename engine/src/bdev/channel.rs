@@ -69,7 +69,7 @@ pub fn validate(info: &BdevInfo, req: &IoRequest) -> Result<(), Errno> {
         return Ok(());
     }
     let bs = info.block_size as u64;
-    if req.len == 0 || req.offset % bs != 0 || req.len % bs != 0 {
+    if req.len == 0 || !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
         return Err(Errno::EINVAL);
     }
     let end = req.offset.checked_add(req.len).ok_or(Errno::EOVERFLOW)?;
@@ -226,7 +226,11 @@ impl Future for ChannelIo {
                         });
                         if r.started.elapsed() >= TRANSIENT_RETRY_LIMIT {
                             chan.count(|s| s.num_errors += 1);
-                            log::warn!("{}: transient {e} persisted for {:?}; reporting it", chan.info().name, TRANSIENT_RETRY_LIMIT);
+                            log::warn!(
+                                "{}: transient {e} persisted for {:?}; reporting it",
+                                chan.info().name,
+                                TRANSIENT_RETRY_LIMIT
+                            );
                             return Poll::Ready(IoCompletion::err(e, c.buf));
                         }
                         chan.count(|s| s.num_retries += 1);

@@ -6,8 +6,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures::future::join_all;
-
 use super::index::{EntryKind, Hit};
 use super::log::ReactorLog;
 use super::ondisk::CacheMode;
@@ -159,7 +157,9 @@ impl Inner {
                 self.write(io.offset, buf, io.fua).await
             }
             IoType::Flush => IoCompletion { status: self.flush().await, buf: None },
-            IoType::Unmap | IoType::WriteZeroes => IoCompletion { status: self.zero(io.offset, io.len).await, buf: None },
+            IoType::Unmap | IoType::WriteZeroes => {
+                IoCompletion { status: self.zero(io.offset, io.len).await, buf: None }
+            }
         }
     }
 
@@ -168,7 +168,7 @@ impl Inner {
     async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoCompletion {
         let status = match self.backing.mode() {
             CacheMode::WriteBack => self.write_back(offset, &buf, fua).await,
-            CacheMode::WriteThrough => self.write_through(offset, buf, fua).await.map(|b| drop(b)),
+            CacheMode::WriteThrough => self.write_through(offset, buf, fua).await.map(drop),
             CacheMode::WriteAround | CacheMode::None => {
                 let r = self.write_around(offset, buf, fua).await;
                 return IoCompletion { status: r.0, buf: r.1 };
@@ -260,28 +260,9 @@ impl Inner {
     }
 
     async fn flush(&self) -> Result<(), Errno> {
-        let set = self.set().clone();
+        let set = self.set();
         set.counters.flushes.fetch_add(1, Ordering::Relaxed);
-        let rounds = (0..set.reactors.len()).map(|r| {
-            let s = set.clone();
-            set.reactors.run_on(r, move || async move {
-                match s.existing_local() {
-                    Some(log) => log.seal_and_wait(false).await,
-                    None => Ok(()),
-                }
-            })
-        });
-        for r in join_all(rounds).await {
-            match r {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(Errno::ESHUTDOWN),
-            }
-        }
-        if set.is_failed() {
-            return Err(Errno::EIO);
-        }
-        self.log.cache_ch.flush().await.status?;
+        set.make_durable().await?;
         if self.backing.mode() != CacheMode::WriteBack {
             self.backing_ch.flush().await.status?;
         }

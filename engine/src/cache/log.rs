@@ -93,7 +93,10 @@ impl ReactorLog {
         let me = reactor::current().ok_or(Errno::ENXIO)?;
         let cache_ch = set.cache.channel()?;
         let part = Rc::new(RefCell::new(set.index.register()));
-        let poller = reactor::register_poller(Box::new(QsbrPoller { part: part.clone(), name: format!("cache_qsbr[{}]", set.name) }));
+        let poller = reactor::register_poller(Box::new(QsbrPoller {
+            part: part.clone(),
+            name: format!("cache_qsbr[{}]", set.name),
+        }));
         Ok(ReactorLog {
             set,
             me,
@@ -164,7 +167,12 @@ impl ReactorLog {
 
     /// Put one block version into this reactor's open segment and publish it in the
     /// index. `data` is the block for data-carrying kinds (Dirty, Clean).
-    pub(crate) async fn put_block(self: &Rc<Self>, key: BlockKey, data: Option<&[u8]>, kind: EntryKind) -> Result<Placed, Errno> {
+    pub(crate) async fn put_block(
+        self: &Rc<Self>,
+        key: BlockKey,
+        data: Option<&[u8]>,
+        kind: EntryKind,
+    ) -> Result<Placed, Errno> {
         let bs = self.set.geom.block_size() as usize;
         let hdr = self.set.geom.header_bytes();
         let slots = self.set.geom.slots_per_segment() as usize;
@@ -206,11 +214,25 @@ impl ReactorLog {
             match installed {
                 Ok(_) => {
                     let rec = match (kind, data) {
-                        (EntryKind::Dirty, Some(d)) => BlockRecordOnDisk::with_data(key.lba(), key.backing(), record_flags::DIRTY, d),
-                        (EntryKind::Clean, Some(d)) => BlockRecordOnDisk::with_data(key.lba(), key.backing(), record_flags::CLEAN, d),
-                        (EntryKind::Zero { dirty: true }, _) => BlockRecordOnDisk::without_data(key.lba(), key.backing(), record_flags::DIRTY | record_flags::ZERO),
-                        (EntryKind::Zero { dirty: false }, _) => BlockRecordOnDisk::without_data(key.lba(), key.backing(), record_flags::CLEAN | record_flags::ZERO),
-                        (EntryKind::Tombstone, _) => BlockRecordOnDisk::without_data(key.lba(), key.backing(), record_flags::TOMBSTONE),
+                        (EntryKind::Dirty, Some(d)) => {
+                            BlockRecordOnDisk::with_data(key.lba(), key.backing(), record_flags::DIRTY, d)
+                        }
+                        (EntryKind::Clean, Some(d)) => {
+                            BlockRecordOnDisk::with_data(key.lba(), key.backing(), record_flags::CLEAN, d)
+                        }
+                        (EntryKind::Zero { dirty: true }, _) => BlockRecordOnDisk::without_data(
+                            key.lba(),
+                            key.backing(),
+                            record_flags::DIRTY | record_flags::ZERO,
+                        ),
+                        (EntryKind::Zero { dirty: false }, _) => BlockRecordOnDisk::without_data(
+                            key.lba(),
+                            key.backing(),
+                            record_flags::CLEAN | record_flags::ZERO,
+                        ),
+                        (EntryKind::Tombstone, _) => {
+                            BlockRecordOnDisk::without_data(key.lba(), key.backing(), record_flags::TOMBSTONE)
+                        }
                         (EntryKind::Dirty | EntryKind::Clean, None) => {
                             debug_assert!(false, "data-carrying entry without data");
                             return Err(Errno::EINVAL);
@@ -247,11 +269,8 @@ impl ReactorLog {
         let seq = ob.seg.seq();
         let n = ob.records.len();
         let mut buf = ob.buf;
-        if n == 0 {
-            // Nothing was placed (a conflict right at the first block): the segment goes
-            // through the normal sealed → reclaim path with no records.
-            debug_assert!(true);
-        }
+        // n == 0 happens when a conflict struck at the first block: the empty segment
+        // still goes through the normal sealed → written → reclaimed path.
         let hdr = geom.header_bytes();
         if let Err(e) = encode_segment_header(&geom, set.uuid, seg, seq, &ob.records, &mut buf[..hdr]) {
             log::error!("cache set {}: encoding segment {} header: {e}", set.name, seg.0);

@@ -14,9 +14,9 @@ use uuid::Uuid;
 
 use super::index::{BackingIdx, BlockIndex, BlockKey, EntryKind, FreeSegment, Lba, SegmentId, Seq};
 use super::ondisk::{
-    self, format_superblock, load_superblock, BackingHeaderOnDisk, CacheMode, FormatError,
-    FormatParams, LoadedSuperblock, SegmentGeometry, SuperblockCopy, SuperblockExpect, SuperblockOnDisk,
-    DEFAULT_DATA_OFFSET, SUPERBLOCK_SLOT_SIZE,
+    self, format_superblock, load_superblock, BackingHeaderOnDisk, CacheMode, FormatError, FormatParams,
+    LoadedSuperblock, SegmentGeometry, SuperblockCopy, SuperblockExpect, SuperblockOnDisk, DEFAULT_DATA_OFFSET,
+    SUPERBLOCK_SLOT_SIZE,
 };
 use crate::bdev::{BdevDesc, IoChannel};
 use crate::dma::IoBuf;
@@ -285,10 +285,7 @@ impl CacheSet {
 
     /// Persist a superblock edit: write the other copy, flush the cache device, then make
     /// it the one in force. Serialized; runs on a reactor.
-    pub(crate) async fn update_superblock(
-        &self,
-        edit: impl FnOnce(&mut SuperblockOnDisk),
-    ) -> Result<(), CacheError> {
+    pub(crate) async fn update_superblock(&self, edit: impl FnOnce(&mut SuperblockOnDisk)) -> Result<(), CacheError> {
         let _g = self.sb_update.lock().await;
         let pending = {
             let sb = self.sb.lock().unwrap_or_else(|e| e.into_inner());
@@ -322,6 +319,34 @@ impl CacheSet {
         }
     }
 
+    /// Make every block version that exists now durable on the cache device: each
+    /// reactor seals its open segment and waits until all it sealed is written, then the
+    /// cache device is flushed. This is FLUSH for the cached bdevs, and the step writeback
+    /// takes before it declares superseded versions dead. Runs on a reactor.
+    pub(crate) async fn make_durable(self: &Arc<Self>) -> Result<(), Errno> {
+        let rounds = (0..self.reactors.len()).map(|r| {
+            let s = self.clone();
+            self.reactors.run_on(r, move || async move {
+                match s.existing_local() {
+                    Some(log) => log.seal_and_wait(false).await,
+                    None => Ok(()),
+                }
+            })
+        });
+        for r in futures::future::join_all(rounds).await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(Errno::ESHUTDOWN),
+            }
+        }
+        if self.is_failed() {
+            return Err(Errno::EIO);
+        }
+        let ch = self.cache.channel()?;
+        ch.flush().await.status
+    }
+
     pub(crate) fn existing_local(&self) -> Option<Rc<super::log::ReactorLog>> {
         reactor::local_storage::<Rc<super::log::ReactorLog>>(SET_KEY_BASE | self.id, || None).map(|l| (*l).clone())
     }
@@ -342,7 +367,7 @@ pub async fn format(
     opts: CacheOptions,
 ) -> Result<Arc<CacheSet>, CacheError> {
     let info = cache.bdev().info().clone();
-    if opts.block_size < info.block_size || opts.block_size % info.block_size != 0 {
+    if opts.block_size < info.block_size || !opts.block_size.is_multiple_of(info.block_size) {
         return Err(CacheError::Invalid(format!(
             "cache block size {} is not a multiple of the cache device's block size {}",
             opts.block_size, info.block_size
@@ -476,7 +501,7 @@ impl CacheSet {
     pub async fn attach(self: &Arc<Self>, backing: BdevDesc, mode: CacheMode) -> Result<Arc<Backing>, CacheError> {
         let binfo = backing.bdev().info().clone();
         let bs = self.block_size();
-        if bs % binfo.block_size != 0 {
+        if !bs.is_multiple_of(binfo.block_size) {
             return Err(CacheError::Invalid(format!(
                 "backing bdev {} has block size {}, which does not divide the cache block size {bs}",
                 binfo.name, binfo.block_size
@@ -498,7 +523,10 @@ impl CacheSet {
                 (idx, h.backing(), h.data_offset, h.data_size / bs as u64)
             }
             Some(h) => {
-                return Err(CacheError::Format(FormatError::ForeignCacheSet { expected: self.uuid, found: h.cache_set() }))
+                return Err(CacheError::Format(FormatError::ForeignCacheSet {
+                    expected: self.uuid,
+                    found: h.cache_set(),
+                }))
             }
             None => {
                 let uuid = Uuid::new_v4();
@@ -523,7 +551,14 @@ impl CacheSet {
                 (idx, uuid, data_offset, data_blocks)
             }
         };
-        let b = Arc::new(Backing { idx, uuid, desc: backing, data_offset, num_blocks: data_blocks, mode: AtomicU8::new(mode as u8) });
+        let b = Arc::new(Backing {
+            idx,
+            uuid,
+            desc: backing,
+            data_offset,
+            num_blocks: data_blocks,
+            mode: AtomicU8::new(mode as u8),
+        });
         let mut slots = self.backings.write().unwrap_or_else(|e| e.into_inner());
         if slots[idx.0 as usize].is_some() {
             return Err(CacheError::Io(Errno::EBUSY, format!("backing index {} is already attached", idx.0)));

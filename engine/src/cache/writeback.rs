@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use super::index::{DirtySlot, Reclaimer, Seq};
+use super::index::{DirtySlot, Reclaimer, SegmentId, Seq};
 use super::set::CacheSet;
 use crate::dma::IoBuf;
 use crate::errno::Errno;
@@ -143,73 +143,95 @@ fn migration_main(set: Arc<CacheSet>) {
     *set.reclaimer.lock().unwrap_or_else(|e| e.into_inner()) = Some(reclaimer);
 }
 
-/// Process the oldest sealed segment. Ok(true): progress; Ok(false): nothing to do now.
+/// Segments written back per durability round.
+const BATCH_SEGMENTS: usize = 8;
+
+/// Write back and reclaim a batch of the oldest sealed segments. Ok(true): progress;
+/// Ok(false): nothing to do now.
+///
+/// Order matters for crash safety:
+/// 1. copy each segment's live dirty blocks to the backing devices, flush them, mark clean;
+/// 2. make every version in the log durable (seal everywhere, wait, flush the cache
+///    device): a dirty version that is *superseded* was not written back, so the version
+///    that superseded it must be durable before the old one may be declared dead;
+/// 3. persist `writeback_seq` (replay ignores the batch from now on);
+/// 4. reclaim the segments (two grace periods) and queue them as free.
 fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<bool, Errno> {
-    let oldest = {
+    let batch: Vec<(u64, SegmentId)> = {
         let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.iter().next().map(|(seq, s)| (*seq, s.seg, s.written))
+        sealed.iter().take_while(|(_, s)| s.written).take(BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
     };
-    let Some((seq, seg, written)) = oldest else {
+    if batch.is_empty() {
+        let any = !set.sealed.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
+        if any {
+            // The oldest segment is still being written.
+            std::thread::sleep(Duration::from_millis(1));
+            return Ok(true);
+        }
         if drain {
             seal_everywhere(set);
         }
         return Ok(false);
-    };
-    if !written {
-        std::thread::sleep(Duration::from_millis(1));
-        return Ok(true);
     }
-    // 1. Copy live dirty blocks to the backing devices, flush them, mark clean.
-    let mut part = set.index.register();
-    let dirty = set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?;
-    part.offline();
-    if !dirty.is_empty() {
-        write_back(set, dirty.clone())?;
-        part.online();
-        for d in &dirty {
-            set.index.mark_clean(&part, d.slot, d.gen);
-        }
+    // 1.
+    for &(_, seg) in &batch {
+        let mut part = set.index.register();
+        let dirty = set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?;
         part.offline();
-        set.counters.writeback_blocks.fetch_add(dirty.len() as u64, Ordering::Relaxed);
+        if !dirty.is_empty() {
+            write_back(set, dirty.clone())?;
+            part.online();
+            for d in &dirty {
+                set.index.mark_clean(&part, d.slot, d.gen);
+            }
+            part.offline();
+            set.counters.writeback_blocks.fetch_add(dirty.len() as u64, Ordering::Relaxed);
+        }
     }
-    drop(part);
-    // 2. Everything up to `seq` must be clean before writeback_seq may move there: an
-    //    older segment still open on some reactor would otherwise be ignored at replay.
-    if set.index.clean_watermark().0 < seq {
+    let last = batch.last().map(|b| b.0).unwrap_or(0);
+    // Everything up to `last` must be clean: an older segment still open on some reactor
+    // would otherwise be ignored at replay.
+    if set.index.clean_watermark().0 < last {
         seal_everywhere(set);
         std::thread::sleep(Duration::from_millis(1));
         return Ok(true);
     }
+    // 2. + 3.
     let s = set.clone();
     set.reactors
-        .block_on(set.migration_reactor(), move || async move { s.update_superblock(|sb| sb.writeback_seq = sb.writeback_seq.max(seq)).await })
+        .block_on(set.migration_reactor(), move || async move {
+            s.make_durable().await.map_err(|e| super::set::CacheError::Io(e, "log flush before writeback_seq".into()))?;
+            s.update_superblock(|sb| sb.writeback_seq = sb.writeback_seq.max(last)).await
+        })
         .map_err(|_| Errno::ESHUTDOWN)?
         .map_err(|e| e.errno())?;
-    // 3. Reclaim: the segment's entries leave the index, then it is free again.
+    // 4.
     let persisted = Seq(set.superblock().writeback_seq);
-    let started = set.index.begin_reclaim(reclaimer, seg, persisted).map_err(|e| {
-        log::error!("cache set {}: begin_reclaim({}): {e}", set.name, seg.0);
-        Errno::EIO
-    })?;
-    let unlinked = match set.index.unlink_segment(reclaimer, started, GRACE_TIMEOUT) {
-        Ok(u) => u,
-        Err((_, e)) => {
-            log::error!("cache set {}: unlink({}): {e}", set.name, seg.0);
-            return Err(Errno::ETIMEDOUT);
+    for &(seq, seg) in &batch {
+        let started = set.index.begin_reclaim(reclaimer, seg, persisted).map_err(|e| {
+            log::error!("cache set {}: begin_reclaim({}): {e}", set.name, seg.0);
+            Errno::EIO
+        })?;
+        let unlinked = match set.index.unlink_segment(reclaimer, started, GRACE_TIMEOUT) {
+            Ok(u) => u,
+            Err((_, e)) => {
+                log::error!("cache set {}: unlink({}): {e}", set.name, seg.0);
+                return Err(Errno::ETIMEDOUT);
+            }
+        };
+        let free = match set.index.release_segment(reclaimer, unlinked, GRACE_TIMEOUT) {
+            Ok(f) => f,
+            Err((_, e)) => {
+                log::error!("cache set {}: release({}): {e}", set.name, seg.0);
+                return Err(Errno::ETIMEDOUT);
+            }
+        };
+        set.sealed.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
+        if set.free.push(free).is_err() {
+            log::error!("cache set {}: free queue overflow", set.name);
         }
-    };
-    let free = match set.index.release_segment(reclaimer, unlinked, GRACE_TIMEOUT) {
-        Ok(f) => f,
-        Err((_, e)) => {
-            log::error!("cache set {}: release({}): {e}", set.name, seg.0);
-            return Err(Errno::ETIMEDOUT);
-        }
-    };
-    set.sealed.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
-    if set.free.push(free).is_err() {
-        log::error!("cache set {}: free queue overflow", set.name);
+        set.counters.segments_reclaimed.fetch_add(1, Ordering::Relaxed);
     }
-    set.counters.segments_reclaimed.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
 

@@ -830,7 +830,10 @@ fn run_loop(l: &Rc<Local>) {
             shared.sleeping.store(false, Ordering::SeqCst);
             for_each_poller(l, |p| p.on_wake());
             let woke = Instant::now();
-            shared.counters.idle_ns.fetch_add(woke.saturating_duration_since(t_prev).as_nanos() as u64, Ordering::Relaxed);
+            shared
+                .counters
+                .idle_ns
+                .fetch_add(woke.saturating_duration_since(t_prev).as_nanos() as u64, Ordering::Relaxed);
             t_prev = woke;
         }
     }

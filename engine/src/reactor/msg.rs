@@ -58,7 +58,7 @@ impl Msg {
         } else {
             BOXED.fetch_add(1, Ordering::Relaxed);
             let boxed: Box<F> = Box::new(f);
-            Self::inline(move || boxed())
+            Self::inline(boxed)
         }
     }
 

@@ -56,10 +56,7 @@ impl Timers {
         loop {
             let top = {
                 let heap = self.heap.borrow();
-                match heap.peek() {
-                    Some(Reverse((d, _, _))) if *d <= now => true,
-                    _ => false,
-                }
+                matches!(heap.peek(), Some(Reverse((d, _, _))) if *d <= now)
             };
             if !top {
                 break;

@@ -142,7 +142,10 @@ impl Uring {
             self.bump(|s| s.backpressure_waits += 1);
             return Ok(None);
         }
-        let slot = self.ops.borrow_mut().insert(OpSlot { state: OpState::Pending(Some(cx.waker().clone())), keep: Keep::None });
+        let slot = self
+            .ops
+            .borrow_mut()
+            .insert(OpSlot { state: OpState::Pending(Some(cx.waker().clone())), keep: Keep::None });
         let entry = entry.clone().user_data(slot as u64);
         // SAFETY: forwarded from the caller's contract.
         if let Err(e) = unsafe { self.push(&entry) } {
@@ -266,9 +269,8 @@ impl Uring {
         if self.wake_armed.get() {
             return;
         }
-        let entry = opcode::Read::new(types::Fd(self.eventfd), self.wake_buf.get() as *mut u8, 8)
-            .build()
-            .user_data(WAKE_TAG);
+        let entry =
+            opcode::Read::new(types::Fd(self.eventfd), self.wake_buf.get() as *mut u8, 8).build().user_data(WAKE_TAG);
         // SAFETY: `wake_buf` is a heap allocation owned by this Uring, which outlives the
         // ring's use (the ring is dropped first: see Drop for Uring), and nothing else reads
         // or writes it; the eventfd is owned by the reactor and closed after the ring.
@@ -293,7 +295,10 @@ impl Uring {
         self.unsubmitted.set(0);
         self.bump(|s| s.enter_calls += 1);
         if let Err(e) = res {
-            if !matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+            ) {
                 log::warn!("io_uring wait failed: {e}");
             }
         }
@@ -305,7 +310,10 @@ impl Drop for Uring {
         if self.in_flight.get() > 0 {
             // The kernel could still write into kept buffers: leak them rather than free
             // memory the kernel may touch (shutdown already waited a bounded time).
-            log::error!("reactor ring dropped with {} operations in flight; leaking their buffers", self.in_flight.get());
+            log::error!(
+                "reactor ring dropped with {} operations in flight; leaking their buffers",
+                self.in_flight.get()
+            );
             let ops = std::mem::take(&mut *self.ops.borrow_mut());
             std::mem::forget(ops);
         }
@@ -405,11 +413,15 @@ impl Drop for Op {
 pub enum FileOpKind {
     Read,
     /// Write; `fua` makes it durable before completion (RWF_DSYNC).
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     /// fdatasync.
     Flush,
     /// fallocate(mode) over [offset, offset+len).
-    Fallocate { mode: i32 },
+    Fallocate {
+        mode: i32,
+    },
 }
 
 /// Retries of a transient failure (EAGAIN/EINTR) before it is reported.
@@ -459,7 +471,9 @@ impl FileIo {
                 opcode::Write::new(fd, ptr, remaining).offset(off).rw_flags(flags).build()
             }
             FileOpKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            FileOpKind::Fallocate { mode } => opcode::Fallocate::new(fd, self.len).offset(self.offset).mode(mode).build(),
+            FileOpKind::Fallocate { mode } => {
+                opcode::Fallocate::new(fd, self.len).offset(self.offset).mode(mode).build()
+            }
         }
     }
 }

@@ -68,7 +68,7 @@ impl SimDisk {
 
     /// A disk whose durable (and current) contents are `image`.
     pub fn from_image(name: &str, block_size: u32, image: Vec<u8>) -> Arc<SimDisk> {
-        assert!(image.len() % block_size as usize == 0);
+        assert!(image.len().is_multiple_of(block_size as usize));
         let mut info = BdevInfo::new(name, "Simulated disk", block_size, (image.len() / block_size as usize) as u64);
         info.volatile_cache = true;
         Arc::new(SimDisk {
@@ -98,7 +98,8 @@ impl SimDisk {
         let p_survive = mode.survive_probability.clamp(0.0, 1.0);
         let survivors: Vec<&Pending> = st.pending.iter().filter(|p| p.fua || rng.gen_bool(p_survive)).collect();
         let tearable: Vec<usize> = (0..survivors.len()).filter(|&i| !survivors[i].fua).collect();
-        let torn = if mode.tear_one && !tearable.is_empty() { Some(tearable[rng.gen_range(0..tearable.len())]) } else { None };
+        let torn =
+            if mode.tear_one && !tearable.is_empty() { Some(tearable[rng.gen_range(0..tearable.len())]) } else { None };
         for (i, p) in survivors.iter().enumerate() {
             let len = if Some(i) == torn {
                 let sectors = p.data.len().div_ceil(SECTOR);

@@ -55,11 +55,12 @@
 //! # let _ = reply;
 //! ```
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod handshake;
 pub mod proto;
+pub mod server;
 pub mod transmission;
 
 pub use handshake::{
@@ -69,6 +70,7 @@ pub use proto::{
     ChunkType, ClientFlags, Command, CommandFlags, Cookie, HandshakeFlags, InfoType, NbdError, OptionCode, OptionReply,
     ReplyFlags, TransmissionFlags,
 };
+pub use server::{ExportStatus, ListenAddr, NbdServer};
 pub use transmission::{
     chunk_header, error_chunk, error_offset_chunk, none_chunk, offset_data_header, offset_hole_chunk, simple_reply,
     validate, Decoded, EncodeError, Event, ExportConfig, ProtocolViolation, RawRequest, Rejection, Request,

@@ -48,3 +48,128 @@ fn nbdinfo_shows_exports_sizes_and_flags() {
     assert_eq!(st.len(), 3);
     assert_eq!((st[1].name.as_str(), st[1].read_only, st[1].block_size, st[1].size), ("ro", true, 4096, 8 << 20));
 }
+
+/// qemu-io `-c` script; fails on a non-zero exit or any reported failure.
+fn qemu_io(qemu_io: &std::path::Path, uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new(qemu_io);
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = run(&mut c);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for bad in ["failed", "error", "Error", "Pattern verification"] {
+        assert!(!text.contains(bad), "qemu-io reported {bad:?}:\n{text}");
+    }
+    text
+}
+
+#[test]
+fn qemu_io_patterns_fua_zeroes_trim_flush_over_tcp_and_unix() {
+    let Some(qio) = tool("qemu-io") else { return };
+    let mut rig = Rig::new();
+    rig.add_malloc("m", 32, 512, false);
+    rig.add_cached_malloc("c", 32, 64);
+    for uri in [rig.uri_tcp("m"), rig.uri_unix("m"), rig.uri_tcp("c"), rig.uri_unix("c")] {
+        let out = qemu_io(
+            &qio,
+            &uri,
+            &[
+                "write -P 0xab 0 1M",
+                "write -f -P 0xcd 1M 64k", // FUA
+                "write -P 0x11 3M 4k",
+                "flush",
+                "read -P 0xab 0 1M",
+                "read -P 0xcd 1M 64k",
+                "read -P 0x11 3M 4k",
+                "write -z 3M 4k", // WRITE_ZEROES
+                "read -P 0 3M 4k",
+                "write -P 0x22 4M 256k",
+                "write -z -u 4M 256k", // zeroes that may unmap
+                "read -P 0 4M 256k",
+                "write -P 0x33 8M 4M", // bigger than one send buffer
+                "read -P 0x33 8M 4M",
+                "aio_write -P 0x44 16M 64k",
+                "aio_write -P 0x45 17M 64k",
+                "aio_flush",
+                "read -P 0x44 16M 64k",
+                "read -P 0x45 17M 64k",
+            ],
+        );
+        assert!(out.contains("wrote 65536/65536 bytes at offset 1048576"), "{uri}: {out}");
+        // A new connection sees what the first one wrote.
+        qemu_io(&qio, &uri, &["read -P 0xab 0 1M", "read -P 0x33 8M 4M"]);
+    }
+}
+
+#[test]
+fn qemu_img_convert_roundtrip_and_compare() {
+    let Some(qimg) = tool("qemu-img") else { return };
+    let mut rig = Rig::new();
+    rig.add_cached_malloc("c", 16, 24);
+    rig.add_malloc("m", 24, 4096, false);
+    for export in ["c", "m"] {
+        let src = rig.dir.path().join(format!("src-{export}.raw"));
+        std::fs::write(&src, random_bytes(rig.size_of(export) as usize, seed())).expect("write src");
+        let uri = rig.uri_tcp(export);
+        let back = rig.dir.path().join(format!("back-{export}.raw"));
+        run(Command::new(&qimg).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri));
+        run(Command::new(&qimg).args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&back));
+        run(Command::new(&qimg).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&back));
+        run(Command::new(&qimg).args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&uri));
+        assert!(std::fs::read(&src).expect("src") == std::fs::read(&back).expect("back"), "{export}: bytes differ");
+    }
+}
+
+#[test]
+fn nbdcopy_file_to_export_and_back_is_byte_identical() {
+    let Some(nbdcopy) = tool("nbdcopy") else { return };
+    let mut rig = Rig::new();
+    rig.add_malloc("m", 32, 512, false);
+    rig.add_cached_malloc("c", 16, 32);
+    for (export, uri) in [("m", rig.uri_tcp("m")), ("c", rig.uri_unix("c"))] {
+        let data = random_bytes(rig.size_of(export) as usize, seed());
+        let src = rig.dir.path().join("src.raw");
+        std::fs::write(&src, &data).expect("write src");
+        let back = rig.dir.path().join("back.raw");
+        // nbdcopy opens several connections (multi-conn) and many requests each.
+        run(Command::new(&nbdcopy).arg("--flush").arg(&src).arg(&uri));
+        run(Command::new(&nbdcopy).arg(&uri).arg(&back));
+        assert!(std::fs::read(&back).expect("back") == data, "{uri}: copy differs");
+    }
+}
+
+#[test]
+fn fio_nbd_engine_random_writes_verify_with_several_jobs() {
+    let Some(fio) = tool("fio") else { return };
+    let mut rig = Rig::new();
+    rig.add_malloc("m", 64, 4096, false);
+    rig.add_cached_malloc("c", 32, 64);
+    for (export, rw) in [("m", "randwrite"), ("c", "randwrite"), ("c", "randrw")] {
+        let out = run(Command::new(&fio).args([
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={}", rig.uri_tcp(export)),
+            &format!("--rw={rw}"),
+            "--bs=4k",
+            "--size=8m",
+            "--offset_increment=8m", // each job its own region: verify stays valid
+            "--numjobs=4",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--group_reporting",
+            "--output-format=json",
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json = &text[text.find('{').expect("json")..];
+        let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
+        for job in v["jobs"].as_array().expect("jobs") {
+            assert_eq!(job["error"], 0, "{export}: {job}");
+            assert!(job["write"]["total_ios"].as_u64().unwrap_or(0) > 0, "{export}: no writes");
+            assert!(job["read"]["total_ios"].as_u64().unwrap_or(0) > 0, "{export}: no verify reads");
+        }
+        assert!(!text.contains("verify: bad"), "{export}: verify failures");
+    }
+}

@@ -88,6 +88,11 @@ impl Rig {
         (c, b)
     }
 
+    /// Size of an export in bytes.
+    pub fn size_of(&self, export: &str) -> u64 {
+        self.server.exports().iter().find(|e| e.name == export).map(|e| e.size).expect("export exists")
+    }
+
     pub fn uri_tcp(&self, export: &str) -> String {
         format!("nbd://127.0.0.1:{}/{export}", self.port())
     }

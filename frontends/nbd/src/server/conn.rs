@@ -511,6 +511,9 @@ pub(crate) async fn run(shared: Arc<Shared>, ctl: Arc<ConnCtl>) {
     if let Err(why) = serve(&shared, &ctl).await {
         log::debug!("nbd: connection {id}: {why}");
     }
+    // Also completes any receive still queued in the ring (it holds the socket
+    // open, so dropping our descriptor alone would not close the connection).
+    ctl.sock.shutdown(Shutdown::Both);
     *lock(&ctl.waker) = None;
     shared.unregister_conn(id);
 }

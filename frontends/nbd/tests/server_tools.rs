@@ -173,3 +173,154 @@ fn fio_nbd_engine_random_writes_verify_with_several_jobs() {
         assert!(!text.contains("verify: bad"), "{export}: verify failures");
     }
 }
+
+/// Runs cleanup steps in reverse order on drop (every exit path, panics included).
+#[derive(Default)]
+struct Cleanup(Vec<(String, Box<dyn FnMut()>)>);
+
+impl Cleanup {
+    fn push(&mut self, what: &str, f: impl FnMut() + 'static) {
+        self.0.push((what.to_string(), Box::new(f)));
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        while let Some((what, mut f)) = self.0.pop() {
+            eprintln!("cleanup: {what}");
+            f();
+        }
+    }
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+/// nbdfuse exposes the export as a file, a loop device goes on top, then a
+/// filesystem is made, filled, unmounted and checked read-only.
+fn filesystem_on_export(fs: &str, block_size: u32) {
+    let tools = ["nbdfuse", "losetup", "mount", "umount", "fusermount3", &format!("mkfs.{fs}")];
+    let check = if fs == "xfs" { "xfs_repair" } else { "e2fsck" };
+    let mut paths = Vec::new();
+    for t in tools.iter().copied().chain([check]) {
+        match tool(t) {
+            Some(p) => paths.push(p),
+            None => return,
+        }
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !root || !std::path::Path::new("/dev/fuse").exists() {
+        let why = "needs root, /dev/fuse and loop devices";
+        assert!(std::env::var_os("CI").is_none(), "CI: {why}");
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let rig = Rig::new();
+    rig.add_malloc("fs", 320, block_size, false);
+    let fuse_dir = rig.dir.path().join("fuse");
+    let mnt = rig.dir.path().join("mnt");
+    std::fs::create_dir_all(&fuse_dir).expect("mkdir");
+    std::fs::create_dir_all(&mnt).expect("mkdir");
+    let image = fuse_dir.join("disk.img");
+    let mut cleanup = Cleanup::default();
+
+    let mut child = Command::new("nbdfuse").arg(&image).arg(rig.uri_unix("fs")).spawn().expect("nbdfuse");
+    let pid = child.id();
+    {
+        let fuse_dir = fuse_dir.clone();
+        cleanup.push("nbdfuse", move || {
+            let _ = quiet(Command::new("fusermount3").arg("-u").arg(&fuse_dir));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while std::time::Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            eprintln!("nbdfuse (pid {pid}) did not exit; killing it");
+            let _ = child.kill();
+            let _ = child.wait();
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !image.exists() {
+        assert!(std::time::Instant::now() < deadline, "nbdfuse did not expose {}", image.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut losetup = Command::new("losetup");
+    losetup.args(["--find", "--show"]);
+    if block_size == 4096 {
+        losetup.args(["--sector-size", "4096"]);
+    }
+    let out = run(losetup.arg(&image));
+    let loopdev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    {
+        let l = loopdev.clone();
+        cleanup.push("loop device", move || {
+            let _ = quiet(Command::new("losetup").args(["-d", &l]));
+        });
+    }
+    if fs == "xfs" {
+        run(Command::new("mkfs.xfs").args(["-q", "-f", &loopdev]));
+    } else {
+        run(Command::new("mkfs.ext4").args(["-q", "-F", &loopdev]));
+    }
+    run(Command::new("mount").arg(&loopdev).arg(&mnt));
+    {
+        let m = mnt.clone();
+        cleanup.push("mount", move || {
+            if quiet(Command::new("mountpoint").arg("-q").arg(&m)) {
+                let _ = quiet(Command::new("umount").arg(&m)) || quiet(Command::new("umount").arg("-l").arg(&m));
+            }
+        });
+    }
+    let seed = seed();
+    let mut files = Vec::new();
+    for i in 0..24u64 {
+        let data = random_bytes(((i * 37) % 17 + 1) as usize * 61_440, seed ^ i);
+        let p = mnt.join(format!("f{i}"));
+        std::fs::write(&p, &data).expect("write file");
+        files.push((format!("f{i}"), data));
+    }
+    std::fs::create_dir_all(mnt.join("d/e")).expect("mkdir");
+    run(&mut Command::new("sync"));
+    run(Command::new("umount").arg(&mnt));
+    if fs == "xfs" {
+        run(Command::new("xfs_repair").args(["-n", &loopdev]));
+    } else {
+        run(Command::new("e2fsck").args(["-fn", &loopdev]));
+    }
+    // Remount read-only and read everything back through a fresh page cache.
+    run(Command::new("losetup").args(["-d", &loopdev]));
+    let mut losetup = Command::new("losetup");
+    losetup.args(["--find", "--show", "--read-only"]);
+    if block_size == 4096 {
+        losetup.args(["--sector-size", "4096"]);
+    }
+    let out = run(losetup.arg(&image));
+    let loop2 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    {
+        let l = loop2.clone();
+        cleanup.push("loop device (ro)", move || {
+            let _ = quiet(Command::new("losetup").args(["-d", &l]));
+        });
+    }
+    let mut mount = Command::new("mount");
+    mount.args(["-o", if fs == "xfs" { "ro,norecovery" } else { "ro" }]);
+    run(mount.arg(&loop2).arg(&mnt));
+    for (name, data) in &files {
+        assert!(std::fs::read(mnt.join(name)).expect("read back") == *data, "{fs}: {name} differs");
+    }
+    drop(cleanup);
+}
+
+#[test]
+fn nbdfuse_loop_ext4_mkfs_write_fsck() {
+    filesystem_on_export("ext4", 512);
+}
+
+#[test]
+fn nbdfuse_loop_xfs_4k_sectors_mkfs_write_repair() {
+    filesystem_on_export("xfs", 4096);
+}

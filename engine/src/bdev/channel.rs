@@ -53,11 +53,52 @@ impl IoStats {
     }
 }
 
+/// Per-field counters (a `Cell` each, so counting an I/O touches two words, not a copy of
+/// the whole struct).
+#[derive(Default)]
+struct StatCells {
+    read_ops: Cell<u64>,
+    read_bytes: Cell<u64>,
+    write_ops: Cell<u64>,
+    write_bytes: Cell<u64>,
+    unmap_ops: Cell<u64>,
+    unmap_bytes: Cell<u64>,
+    wz_ops: Cell<u64>,
+    wz_bytes: Cell<u64>,
+    flush_ops: Cell<u64>,
+    errors: Cell<u64>,
+    retries: Cell<u64>,
+    rejected: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+impl StatCells {
+    fn snapshot(&self) -> IoStats {
+        IoStats {
+            num_read_ops: self.read_ops.get(),
+            bytes_read: self.read_bytes.get(),
+            num_write_ops: self.write_ops.get(),
+            bytes_written: self.write_bytes.get(),
+            num_unmap_ops: self.unmap_ops.get(),
+            bytes_unmapped: self.unmap_bytes.get(),
+            num_write_zeroes_ops: self.wz_ops.get(),
+            bytes_write_zeroes: self.wz_bytes.get(),
+            num_flush_ops: self.flush_ops.get(),
+            num_errors: self.errors.get(),
+            num_retries: self.retries.get(),
+            num_rejected: self.rejected.get(),
+        }
+    }
+}
+
 /// The validated, counted, retrying I/O path to one bdev on one reactor.
 pub struct IoChannel {
     bdev: Arc<dyn Bdev>,
     inner: Box<dyn BdevChannel>,
-    stats: Cell<IoStats>,
+    stats: StatCells,
 }
 
 /// Check a request against the bdev's geometry and capabilities.
@@ -93,7 +134,7 @@ pub fn validate(info: &BdevInfo, req: &IoRequest) -> Result<(), Errno> {
 impl IoChannel {
     pub fn new(bdev: Arc<dyn Bdev>) -> Result<IoChannel, Errno> {
         let inner = bdev.create_channel()?;
-        Ok(IoChannel { bdev, inner, stats: Cell::new(IoStats::default()) })
+        Ok(IoChannel { bdev, inner, stats: StatCells::default() })
     }
 
     pub fn info(&self) -> &BdevInfo {
@@ -105,54 +146,64 @@ impl IoChannel {
     }
 
     pub fn stats(&self) -> IoStats {
-        self.stats.get()
+        self.stats.snapshot()
     }
 
     pub fn reset_stats(&self) {
-        self.stats.set(IoStats::default());
-    }
-
-    fn count(&self, f: impl FnOnce(&mut IoStats)) {
-        let mut s = self.stats.get();
-        f(&mut s);
-        self.stats.set(s);
+        let c = &self.stats;
+        for cell in [
+            &c.read_ops,
+            &c.read_bytes,
+            &c.write_ops,
+            &c.write_bytes,
+            &c.unmap_ops,
+            &c.unmap_bytes,
+            &c.wz_ops,
+            &c.wz_bytes,
+            &c.flush_ops,
+            &c.errors,
+            &c.retries,
+            &c.rejected,
+        ] {
+            cell.set(0);
+        }
     }
 
     /// Submit a request: validated, counted, transient failures retried.
     pub fn submit(self: &Rc<Self>, req: IoRequest) -> ChannelIo {
         if let Err(e) = validate(self.info(), &req) {
-            self.count(|s| s.num_rejected += 1);
-            return ChannelIo::rejected(e, req.buf);
+            bump(&self.stats.rejected, 1);
+            return ChannelIo {
+                chan: None,
+                io: Some(IoFuture::ready(IoCompletion::err(e, req.buf))),
+                params: (IoType::Flush, 0, 0, false),
+                retry: None,
+            };
         }
         let len = req.len;
-        self.count(|s| match req.io_type {
+        let st = &self.stats;
+        match req.io_type {
             IoType::Read => {
-                s.num_read_ops += 1;
-                s.bytes_read += len;
+                bump(&st.read_ops, 1);
+                bump(&st.read_bytes, len);
             }
             IoType::Write => {
-                s.num_write_ops += 1;
-                s.bytes_written += len;
+                bump(&st.write_ops, 1);
+                bump(&st.write_bytes, len);
             }
             IoType::Unmap => {
-                s.num_unmap_ops += 1;
-                s.bytes_unmapped += len;
+                bump(&st.unmap_ops, 1);
+                bump(&st.unmap_bytes, len);
             }
             IoType::WriteZeroes => {
-                s.num_write_zeroes_ops += 1;
-                s.bytes_write_zeroes += len;
+                bump(&st.wz_ops, 1);
+                bump(&st.wz_bytes, len);
             }
-            IoType::Flush => s.num_flush_ops += 1,
-        });
+            IoType::Flush => bump(&st.flush_ops, 1),
+        }
         let (io_type, offset, fua) = (req.io_type, req.offset, req.fua);
         let fut = self.inner.submit(req);
-        ChannelIo {
-            chan: Some(self.clone()),
-            io: Some(fut),
-            params: (io_type, offset, len, fua),
-            retry: None,
-            rejected: None,
-        }
+        ChannelIo { chan: Some(self.clone()), io: Some(fut), params: (io_type, offset, len, fua), retry: None }
     }
 
     pub fn read(self: &Rc<Self>, offset: u64, buf: IoBuf) -> ChannelIo {
@@ -179,25 +230,14 @@ struct Retry {
     buf: Option<IoBuf>,
 }
 
-/// An I/O on an [`IoChannel`].
+/// An I/O on an [`IoChannel`]. Kept small (it is moved on every submit): the retry state
+/// lives in a box that only transient failures allocate.
 pub struct ChannelIo {
+    /// None for requests rejected by validation (their completion is in `io`).
     chan: Option<Rc<IoChannel>>,
     io: Option<IoFuture>,
     params: (IoType, u64, u64, bool),
-    retry: Option<Retry>,
-    rejected: Option<IoCompletion>,
-}
-
-impl ChannelIo {
-    fn rejected(e: Errno, buf: Option<IoBuf>) -> ChannelIo {
-        ChannelIo {
-            chan: None,
-            io: None,
-            params: (IoType::Flush, 0, 0, false),
-            retry: None,
-            rejected: Some(IoCompletion::err(e, buf)),
-        }
-    }
+    retry: Option<Box<Retry>>,
 }
 
 impl Future for ChannelIo {
@@ -205,9 +245,6 @@ impl Future for ChannelIo {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<IoCompletion> {
         let this = &mut *self;
-        if let Some(c) = this.rejected.take() {
-            return Poll::Ready(c);
-        }
         loop {
             if let Some(io) = this.io.as_mut() {
                 let c = match Pin::new(io).poll(cx) {
@@ -215,17 +252,14 @@ impl Future for ChannelIo {
                     Poll::Ready(c) => c,
                 };
                 this.io = None;
-                let chan = this.chan.as_ref().expect("channel present while I/O runs");
+                let Some(chan) = this.chan.as_ref() else { return Poll::Ready(c) };
                 match c.status {
                     Err(e) if e.is_transient() => {
-                        let r = this.retry.get_or_insert_with(|| Retry {
-                            started: Instant::now(),
-                            backoff: BACKOFF_MIN,
-                            sleep: None,
-                            buf: None,
+                        let r = this.retry.get_or_insert_with(|| {
+                            Box::new(Retry { started: Instant::now(), backoff: BACKOFF_MIN, sleep: None, buf: None })
                         });
                         if r.started.elapsed() >= TRANSIENT_RETRY_LIMIT {
-                            chan.count(|s| s.num_errors += 1);
+                            bump(&chan.stats.errors, 1);
                             log::warn!(
                                 "{}: transient {e} persisted for {:?}; reporting it",
                                 chan.info().name,
@@ -233,7 +267,7 @@ impl Future for ChannelIo {
                             );
                             return Poll::Ready(IoCompletion::err(e, c.buf));
                         }
-                        chan.count(|s| s.num_retries += 1);
+                        bump(&chan.stats.retries, 1);
                         r.buf = c.buf;
                         r.sleep = Some(if reactor::current().is_some() {
                             reactor::sleep(r.backoff)
@@ -243,7 +277,7 @@ impl Future for ChannelIo {
                         r.backoff = (r.backoff * 2).min(BACKOFF_MAX);
                     }
                     Err(_) => {
-                        chan.count(|s| s.num_errors += 1);
+                        bump(&chan.stats.errors, 1);
                         return Poll::Ready(c);
                     }
                     Ok(()) => return Poll::Ready(c),

@@ -200,7 +200,9 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
     let s = set.clone();
     set.reactors
         .block_on(set.migration_reactor(), move || async move {
-            s.make_durable().await.map_err(|e| super::set::CacheError::Io(e, "log flush before writeback_seq".into()))?;
+            s.make_durable()
+                .await
+                .map_err(|e| super::set::CacheError::Io(e, "log flush before writeback_seq".into()))?;
             s.update_superblock(|sb| sb.writeback_seq = sb.writeback_seq.max(last)).await
         })
         .map_err(|_| Errno::ESHUTDOWN)?

@@ -61,6 +61,9 @@ pub struct ReactorConfig {
     pub ring_entries: u32,
     /// Capacity of each inbox (messages from one peer).
     pub inbox_capacity: usize,
+    /// Hand SQEs to the kernel as soon as this many are queued (0: once per poll-loop
+    /// iteration). Small batches keep a deep queue from moving in lock-step.
+    pub submit_batch: u32,
     /// Thread name prefix.
     pub name: String,
 }
@@ -111,6 +114,7 @@ impl Default for ReactorConfig {
             idle_threshold: Duration::from_millis(1),
             ring_entries: 512,
             inbox_capacity: 4096,
+            submit_batch: 0,
             name: "reactor".into(),
         }
     }
@@ -145,6 +149,9 @@ struct Shared {
     core: Option<usize>,
     remote_wakes: ArrayQueue<u64>,
     external: ArrayQueue<Msg>,
+    /// Set after a push to `remote_wakes` or `external`, so an idle poll loop checks one
+    /// flag instead of two contended queues.
+    has_remote: AtomicBool,
     sleeping: AtomicBool,
     eventfd: OwnedFd,
     counters: Counters,
@@ -216,6 +223,7 @@ pub(crate) fn wake_task(task: TaskRef) {
     let mut spins = 0u32;
     while target.remote_wakes.push(task.0).is_err() {
         // Bounded queue full: the owner drains it every iteration; wait for room.
+        target.has_remote.store(true, Ordering::Release);
         target.notify();
         spins += 1;
         if spins > 1_000_000 {
@@ -224,6 +232,7 @@ pub(crate) fn wake_task(task: TaskRef) {
         }
         std::thread::yield_now();
     }
+    target.has_remote.store(true, Ordering::Release);
     target.notify();
 }
 
@@ -391,7 +400,9 @@ fn try_send(set: &SetInner, target: usize, msg: Msg) -> Result<(), Msg> {
     let res = if same_set {
         with_local(|l| l.outboxes.borrow_mut()[target].try_push(msg)).expect("on a reactor")
     } else {
-        shared.external.push(msg)
+        let r = shared.external.push(msg);
+        shared.has_remote.store(true, Ordering::Release);
+        r
     };
     if res.is_ok() {
         shared.notify();
@@ -475,6 +486,7 @@ impl ReactorSet {
                     core: *core,
                     remote_wakes: ArrayQueue::new(65536),
                     external: ArrayQueue::new(config.inbox_capacity.max(16)),
+                    has_remote: AtomicBool::new(false),
                     sleeping: AtomicBool::new(false),
                     eventfd,
                     counters: Counters::default(),
@@ -664,7 +676,7 @@ fn reactor_main(
             log::warn!("reactor {index}: could not pin to core {core}; running unpinned");
         }
     }
-    let uring = match uring::Uring::new(set.config.ring_entries, shared.eventfd.as_raw_fd()) {
+    let uring = match uring::Uring::new(set.config.ring_entries, set.config.submit_batch, shared.eventfd.as_raw_fd()) {
         Ok(u) => u,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -730,14 +742,34 @@ fn drain_messages(l: &Local) -> usize {
             }
         }
     }
+    n
+}
+
+/// Messages and wake-ups from threads that are not peers of this reactor (and wakes from
+/// any thread): only looked at when a pusher raised `has_remote`.
+fn drain_remote(l: &Local) -> usize {
+    let shared = &l.shared;
+    if !shared.has_remote.load(Ordering::Acquire) {
+        return 0;
+    }
+    // Clear first: a push after this store raises the flag again for the next iteration.
+    shared.has_remote.store(false, Ordering::SeqCst);
+    let mut n = 0;
     for _ in 0..BATCH {
-        match l.shared.external.pop() {
+        match shared.external.pop() {
             Some(m) => {
                 m.run();
                 n += 1;
             }
             None => break,
         }
+    }
+    if !shared.external.is_empty() {
+        shared.has_remote.store(true, Ordering::Release);
+    }
+    while let Some(w) = shared.remote_wakes.pop() {
+        l.exec.wake_local(TaskRef(w));
+        n += 1;
     }
     n
 }
@@ -751,6 +783,9 @@ fn has_pending_input(l: &Local) -> bool {
 }
 
 fn run_pollers(l: &Local) -> usize {
+    if l.pollers.borrow().is_empty() {
+        return 0;
+    }
     let mut busy = 0;
     let keys: smallkeys::Keys = smallkeys::Keys::from(l.pollers.borrow().iter().map(|(k, _)| k));
     for k in keys.iter() {
@@ -789,10 +824,7 @@ fn run_loop(l: &Rc<Local>) {
             shared.counters.messages.fetch_add(msgs as u64, Ordering::Relaxed);
             work += msgs;
         }
-        while let Some(w) = shared.remote_wakes.pop() {
-            l.exec.wake_local(TaskRef(w));
-            work += 1;
-        }
+        work += drain_remote(l);
         work += l.exec.run_ready(BATCH);
         if l.uring.flush() {
             work += 1;

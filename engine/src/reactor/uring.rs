@@ -66,13 +66,14 @@ pub(crate) struct Uring {
     max_in_flight: u32,
     space_waiters: RefCell<VecDeque<Waker>>,
     eventfd: RawFd,
+    submit_batch: u32,
     wake_buf: Box<UnsafeCell<[u8; 8]>>,
     wake_armed: Cell<bool>,
     stats: Cell<UringStats>,
 }
 
 impl Uring {
-    pub(crate) fn new(entries: u32, eventfd: RawFd) -> io::Result<Uring> {
+    pub(crate) fn new(entries: u32, submit_batch: u32, eventfd: RawFd) -> io::Result<Uring> {
         let entries = entries.clamp(8, 32768).next_power_of_two();
         let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
         let max_in_flight = entries * 2 - 1; // one CQ entry is always left for the wake read
@@ -84,6 +85,7 @@ impl Uring {
             max_in_flight,
             space_waiters: RefCell::new(VecDeque::new()),
             eventfd,
+            submit_batch,
             wake_buf: Box::new(UnsafeCell::new([0; 8])),
             wake_armed: Cell::new(false),
             stats: Cell::new(UringStats::default()),
@@ -154,6 +156,9 @@ impl Uring {
         }
         self.in_flight.set(self.in_flight.get() + 1);
         self.bump(|s| s.submitted += 1);
+        if self.submit_batch > 0 && self.unsubmitted.get() >= self.submit_batch {
+            self.flush();
+        }
         Ok(Some(slot))
     }
 

@@ -91,7 +91,9 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
         add_bdev(&t, b).inspect_err(|_| t.bdevs.release(&p.base_name, &name))
     })?;
     reg(t, "bdev_error_delete", |t, p: NameParams| async move { delete(&t, &p.name, "error").await })?;
-    reg(t, "bdev_error_inject_error", |t, p: BdevErrorInjectErrorParams| async move { inject(&t, p) })?;
+    reg_pre(t, "bdev_error_inject_error", clear_takes_no_error_type, |t, p: BdevErrorInjectErrorParams| async move {
+        inject(&t, p)
+    })?;
 
     reg(t, "bdev_delay_create", |t, p: BdevDelayCreateParams| async move {
         let _g = t.ops.lock().await;
@@ -137,6 +139,16 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
         })?;
         Ok(true)
     })?;
+    Ok(())
+}
+
+/// rpc.py's `bdev_error_inject_error NAME clear TYPE` always sends an `error_type` (a
+/// required positional argument there); the schema refuses one with `io_type: "clear"`.
+/// It means nothing for a clear, so it is dropped.
+fn clear_takes_no_error_type(o: &mut Map<String, Value>) -> Result<(), RpcError> {
+    if o.get("io_type").and_then(Value::as_str) == Some("clear") {
+        o.remove("error_type");
+    }
     Ok(())
 }
 

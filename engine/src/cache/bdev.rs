@@ -6,6 +6,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::failure::{BackingState, DRAIN_WAIT_LIMIT};
 use super::index::{EntryKind, Hit};
 use super::log::ReactorLog;
 use super::ondisk::CacheMode;
@@ -146,7 +147,46 @@ impl Inner {
         self.set().block_size() as u64
     }
 
+    /// The state of this cached bdev once it is not draining (waits, bounded).
+    async fn settled_state(&self) -> BackingState {
+        let started = std::time::Instant::now();
+        loop {
+            let st = self.backing.state();
+            // Running on a failed set: the transition to Draining is a moment away.
+            let unsettled = st == BackingState::Draining || (st == BackingState::Running && self.set().is_failed());
+            if !unsettled {
+                return st;
+            }
+            if started.elapsed() >= DRAIN_WAIT_LIMIT {
+                return BackingState::Stopped;
+            }
+            crate::reactor::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// One I/O to the backing device (offset in the cached volume), counted for error
+    /// accounting.
+    async fn backing_io(&self, mut req: IoRequest) -> IoCompletion {
+        req.offset += self.backing.data_offset;
+        let c = self.backing_ch.submit(req).await;
+        match c.status {
+            Ok(()) => self.backing.note_success(),
+            Err(e) => self.backing.note_error(self.set(), e),
+        }
+        c
+    }
+
     async fn run(&self, io: IoRequest) -> IoCompletion {
+        match self.settled_state().await {
+            BackingState::Stopped => return IoCompletion::err(Errno::EIO, io.buf),
+            BackingState::Degraded | BackingState::Detached => return self.backing_io(io).await,
+            BackingState::Detaching if io.io_type == IoType::Write => {
+                let buf = io.buf.expect("validated write has a buffer");
+                let r = self.write_around(io.offset, buf, io.fua).await;
+                return IoCompletion { status: r.0, buf: r.1 };
+            }
+            _ => {}
+        }
         match io.io_type {
             IoType::Read => {
                 let buf = io.buf.expect("validated read has a buffer");
@@ -167,7 +207,17 @@ impl Inner {
 
     async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoCompletion {
         let status = match self.backing.mode() {
-            CacheMode::WriteBack => self.write_back(offset, &buf, fua).await,
+            CacheMode::WriteBack => match self.write_back(offset, &buf, fua).await {
+                Err(_) if self.set().is_failed() => {
+                    // The cache failed under this write: once the set has settled, a
+                    // degraded device takes the write directly (no client-visible error).
+                    if self.settled_state().await == BackingState::Degraded {
+                        return self.backing_io(IoRequest::write(offset, buf, fua)).await;
+                    }
+                    Err(Errno::EIO)
+                }
+                r => r,
+            },
             CacheMode::WriteThrough => self.write_through(offset, buf, fua).await.map(drop),
             CacheMode::WriteAround | CacheMode::None => {
                 let r = self.write_around(offset, buf, fua).await;
@@ -202,7 +252,7 @@ impl Inner {
     /// writethrough/promotion race): the cached copy is never newer than the origin.
     async fn write_through(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Errno> {
         let bs = self.bs() as usize;
-        let c = self.backing_ch.write(self.backing.data_offset + offset, buf, fua).await;
+        let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         c.status?;
         let buf = c.buf.ok_or(Errno::EIO)?;
         let set = self.set();
@@ -223,7 +273,7 @@ impl Inner {
     async fn write_around(&self, offset: u64, buf: IoBuf, fua: bool) -> (Result<(), Errno>, Option<IoBuf>) {
         let bs = self.bs();
         let n = buf.len() as u64 / bs;
-        let c = self.backing_ch.write(self.backing.data_offset + offset, buf, fua).await;
+        let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         if let Err(e) = c.status {
             return (Err(e), c.buf);
         }
@@ -253,7 +303,7 @@ impl Inner {
                 Ok(())
             }
             _ => {
-                self.backing_ch.write_zeroes(self.backing.data_offset + offset, len).await.status?;
+                self.backing_io(IoRequest::write_zeroes(offset, len)).await.status?;
                 self.invalidate(lba0, n).await
             }
         }
@@ -264,7 +314,7 @@ impl Inner {
         set.counters.flushes.fetch_add(1, Ordering::Relaxed);
         set.make_durable().await?;
         if self.backing.mode() != CacheMode::WriteBack {
-            self.backing_ch.flush().await.status?;
+            self.backing_io(IoRequest::flush()).await.status?;
         }
         Ok(())
     }
@@ -296,8 +346,7 @@ impl Inner {
                 if srcs.iter().all(|s| matches!(s, Src::Miss)) {
                     // Whole request uncached: straight from the backing device.
                     set.counters.read_misses.fetch_add(1, Ordering::Relaxed);
-                    let c = self.backing_ch.read(self.backing.data_offset + offset, buf).await;
-                    return c;
+                    return self.backing_io(IoRequest::read(offset, buf)).await;
                 }
             }
             let mut retry = Vec::new();
@@ -313,8 +362,8 @@ impl Inner {
                     i += 1;
                 }
                 let (b0, cnt) = (todo[start], i - start);
-                let off = self.backing.data_offset + (lba0 + b0 as u64) * bs as u64;
-                let c = self.backing_ch.read(off, IoBuf::new(cnt * bs)).await;
+                let off = (lba0 + b0 as u64) * bs as u64;
+                let c = self.backing_io(IoRequest::read(off, IoBuf::new(cnt * bs))).await;
                 if let Err(e) = c.status {
                     return IoCompletion::err(e, Some(buf));
                 }
@@ -327,7 +376,7 @@ impl Inner {
                 match srcs[k] {
                     Src::Miss => {}
                     Src::Zero => buf[b * bs..(b + 1) * bs].fill(0),
-                    Src::Cached(h) => match self.read_cached(&set, h).await {
+                    Src::Cached(h) => match self.read_cached(&set, h, lba0 + b as u64).await {
                         Ok(Some(data)) => buf[b * bs..(b + 1) * bs].copy_from_slice(&data),
                         Ok(None) => retry.push(b),
                         Err(e) => return IoCompletion::err(e, Some(buf)),
@@ -346,7 +395,7 @@ impl Inner {
     }
 
     /// One cached block. Ok(None): the segment was reused under us; look it up again.
-    async fn read_cached(&self, set: &Arc<CacheSet>, h: Hit) -> Result<Option<IoBuf>, Errno> {
+    async fn read_cached(&self, set: &Arc<CacheSet>, h: Hit, lba: u64) -> Result<Option<IoBuf>, Errno> {
         let owner = set.ram_owner[h.segment.0 as usize].load(Ordering::Acquire);
         if owner != 0 {
             let owner = owner as usize - 1;
@@ -370,12 +419,20 @@ impl Inner {
                 return Ok(set.index.still_valid(&h).then_some(d));
             }
         }
-        if set.is_failed() {
-            return Err(Errno::EIO);
-        }
         let off = set.geom.slot_id_offset(h.slot);
         let c = self.log.cache_ch.read(off, IoBuf::new(set.block_size() as usize)).await;
-        c.status?;
+        if let Err(e) = c.status {
+            set.note_cache_error(e, "cache read");
+            if h.dirty {
+                // The only current copy is on the cache device: an error, never older data.
+                return Err(e);
+            }
+            // Clean: the backing device holds the same data.
+            let lba_off = lba * set.block_size() as u64;
+            let c = self.backing_io(IoRequest::read(lba_off, IoBuf::new(set.block_size() as usize))).await;
+            c.status?;
+            return Ok(c.buf);
+        }
         Ok(if set.index.still_valid(&h) { c.buf } else { None })
     }
 }

@@ -86,6 +86,8 @@ pub struct ReactorLog {
     write_error: Cell<Option<Errno>>,
     last_write: Cell<Instant>,
     idle_sealer: Cell<bool>,
+    /// Backing devices whose rescued data could not be written (after a cache failure).
+    lost: RefCell<Vec<super::index::BackingIdx>>,
 }
 
 impl ReactorLog {
@@ -111,6 +113,7 @@ impl ReactorLog {
             write_error: Cell::new(None),
             last_write: Cell::new(Instant::now()),
             idle_sealer: Cell::new(false),
+            lost: RefCell::new(Vec::new()),
         })
     }
 
@@ -274,7 +277,7 @@ impl ReactorLog {
         let hdr = geom.header_bytes();
         if let Err(e) = encode_segment_header(&geom, set.uuid, seg, seq, &ob.records, &mut buf[..hdr]) {
             log::error!("cache set {}: encoding segment {} header: {e}", set.name, seg.0);
-            set.mark_failed("segment header encoding", Errno::EIO);
+            set.fail("segment header encoding", Errno::EIO);
         }
         buf.set_len(hdr + n * geom.block_size() as usize);
         if let Err(e) = set.index.seal(ob.seg) {
@@ -288,6 +291,7 @@ impl ReactorLog {
         self.writing.borrow_mut().insert(seg.0, ev.clone());
         let me = self.clone();
         let offset = geom.segment_offset(seg);
+        let records = ob.records;
         reactor::spawn_detached(async move {
             let c = me.cache_ch.write(offset, buf, fua).await;
             let set = &me.set;
@@ -303,7 +307,15 @@ impl ReactorLog {
                     if me.write_error.get().is_none() {
                         me.write_error.set(Some(e));
                     }
-                    set.mark_failed("segment write", e);
+                    // The data is still in RAM: write it to the backing devices before the
+                    // set degrades, so no acknowledged write is lost.
+                    if let Some(b) = c.buf.as_ref() {
+                        let lost = me.rescue_buffer(seg, &records, b).await;
+                        if !lost.is_empty() {
+                            me.lost.borrow_mut().extend(lost);
+                        }
+                    }
+                    set.fail("segment write", e);
                 }
             }
             set.ram_owner[seg.0 as usize].store(0, Ordering::Release);
@@ -355,6 +367,24 @@ impl ReactorLog {
             ev.wait().await;
         }
         None
+    }
+
+    /// After a cache failure: write this reactor's open segment (acknowledged writes only
+    /// in RAM) to the backing devices, and wait for segments whose write is still in
+    /// flight. Returns the backing devices that lost data here.
+    pub(crate) async fn rescue_open_segment(self: &Rc<Self>) -> Vec<super::index::BackingIdx> {
+        let open = self.open.borrow_mut().take();
+        if let Some(ob) = open {
+            let seg = ob.seg.id();
+            let lost = self.rescue_buffer(seg, &ob.records, &ob.buf).await;
+            self.lost.borrow_mut().extend(lost);
+            let _ = self.set.index.seal(ob.seg);
+            self.set.ram_owner[seg.0 as usize].store(0, Ordering::Release);
+        }
+        // Segments being written: their task rescues them if the write fails.
+        let target = self.sealed.get();
+        self.written.wait_for(target).await;
+        self.lost.borrow().clone()
     }
 
     fn ensure_idle_sealer(self: &Rc<Self>) {

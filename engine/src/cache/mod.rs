@@ -13,6 +13,7 @@
 //!   thread.
 
 pub mod bdev;
+pub mod failure;
 pub mod index;
 pub mod log;
 pub mod ondisk;
@@ -20,5 +21,6 @@ pub mod set;
 pub mod writeback;
 
 pub use bdev::{mode_name, parse_mode, CachedBdev};
+pub use failure::{BackingState, StopPolicy};
 pub use ondisk::CacheMode;
 pub use set::{format, load, CacheError, CacheOptions, CacheSet};

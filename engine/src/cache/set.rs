@@ -77,6 +77,16 @@ pub struct CacheOptions {
     pub writeback_free_low_percent: u32,
     /// Longest a write waits for log space before it fails (never forever).
     pub space_wait_limit: Duration,
+    /// Decayed error count at which a backing device's cached bdev is stopped.
+    pub backing_io_error_limit: u32,
+    /// Decayed error count at which the cache device is declared failed.
+    pub cache_io_error_limit: u32,
+    /// Half-life of the error counts.
+    pub io_error_halflife: Duration,
+    /// What a cache-device failure stops.
+    pub stop_when_cache_set_failed: super::failure::StopPolicy,
+    /// How long a backing device may stay offline (ENODEV) before its cached bdev stops.
+    pub backing_offline_grace: Duration,
 }
 
 impl Default for CacheOptions {
@@ -88,6 +98,11 @@ impl Default for CacheOptions {
             migration_reactor: None,
             writeback_free_low_percent: 25,
             space_wait_limit: Duration::from_secs(30),
+            backing_io_error_limit: 64,
+            cache_io_error_limit: 64,
+            io_error_halflife: Duration::from_secs(60),
+            stop_when_cache_set_failed: super::failure::StopPolicy::Auto,
+            backing_offline_grace: Duration::from_secs(5),
         }
     }
 }
@@ -102,6 +117,9 @@ pub struct Backing {
     /// Size of the cached volume in cache blocks.
     pub num_blocks: u64,
     pub mode: AtomicU8,
+    pub(crate) state: super::failure::StateCell,
+    pub(crate) errors: super::failure::ErrorCounter,
+    pub(crate) offline_since: Mutex<Option<Instant>>,
 }
 
 impl Backing {
@@ -170,6 +188,7 @@ pub struct CacheSet {
     /// The index's only reclaim capability; taken by the writeback task while it runs.
     pub(crate) reclaimer: Mutex<Option<super::index::Reclaimer>>,
     pub(crate) kick: super::writeback::Kick,
+    pub(crate) cache_errors: super::failure::ErrorCounter,
     pub(crate) migration_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(crate) drain_requested: AtomicBool,
 }
@@ -212,6 +231,7 @@ impl CacheSet {
             stopping: AtomicBool::new(false),
             reclaimer: Mutex::new(None),
             kick: Default::default(),
+            cache_errors: Default::default(),
             migration_thread: Mutex::new(None),
             drain_requested: AtomicBool::new(false),
         })
@@ -270,12 +290,6 @@ impl CacheSet {
     pub(crate) fn migration_reactor(&self) -> usize {
         let n = self.reactors.len();
         self.options().migration_reactor.filter(|r| *r < n).unwrap_or(n - 1)
-    }
-
-    pub(crate) fn mark_failed(&self, why: &str, e: Errno) {
-        if !self.failed.swap(true, Ordering::AcqRel) {
-            log::error!("cache set {}: cache device failed ({why}: {e}); no further log writes", self.name);
-        }
     }
 
     /// Snapshot of the superblock in force.
@@ -558,6 +572,9 @@ impl CacheSet {
             data_offset,
             num_blocks: data_blocks,
             mode: AtomicU8::new(mode as u8),
+            state: Default::default(),
+            errors: Default::default(),
+            offline_since: Mutex::new(None),
         });
         let mut slots = self.backings.write().unwrap_or_else(|e| e.into_inner());
         if slots[idx.0 as usize].is_some() {

@@ -115,6 +115,7 @@ fn migration_main(set: Arc<CacheSet>) {
     };
     while !set.stopping.load(Ordering::Acquire) {
         set.kick.wait(Duration::from_millis(100));
+        set.check_offline_backings();
         loop {
             if set.stopping.load(Ordering::Acquire) || set.is_failed() {
                 break;
@@ -250,15 +251,20 @@ fn seal_everywhere(set: &Arc<CacheSet>) {
 }
 
 /// Copy `dirty` blocks to their backing devices and flush those devices.
-fn write_back(set: &Arc<CacheSet>, mut dirty: Vec<DirtySlot>) -> Result<(), Errno> {
-    dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
+fn write_back(set: &Arc<CacheSet>, dirty: Vec<DirtySlot>) -> Result<(), Errno> {
     let s = set.clone();
     set.reactors
-        .block_on(set.migration_reactor(), move || async move { write_back_on_reactor(&s, &dirty).await })
+        .block_on(set.migration_reactor(), move || async move { write_back_blocks(&s, &dirty, true).await })
         .map_err(|_| Errno::ESHUTDOWN)?
 }
 
-async fn write_back_on_reactor(set: &Arc<CacheSet>, dirty: &[DirtySlot]) -> Result<(), Errno> {
+/// Copy `dirty` blocks from the cache device to their backing devices (sorted by LBA,
+/// adjacent blocks merged), then flush the devices written (when `flush`). Runs on a
+/// reactor. Backing-device errors are counted against the device.
+pub(crate) async fn write_back_blocks(set: &Arc<CacheSet>, dirty: &[DirtySlot], flush: bool) -> Result<(), Errno> {
+    let mut dirty = dirty.to_vec();
+    dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
+    let dirty = &dirty[..];
     let bs = set.block_size() as usize;
     let cache_ch = set.cache.channel()?;
     // Runs of consecutive LBAs on the same backing device.
@@ -285,17 +291,27 @@ async fn write_back_on_reactor(set: &Arc<CacheSet>, dirty: &[DirtySlot]) -> Resu
                 let bch = backing.desc.channel()?;
                 let off = backing.data_offset + first.key.lba().0 * bs as u64;
                 let len = run.len() * bs;
-                if first.zero {
-                    bch.write_zeroes(off, len as u64).await.status?;
+                let res = if first.zero {
+                    bch.write_zeroes(off, len as u64).await.status
                 } else {
                     let mut data = IoBuf::new(len);
                     let reads = run.iter().map(|d| cache_ch.read(set.geom.slot_id_offset(d.slot), IoBuf::new(bs)));
                     for (i, c) in join_all(reads).await.into_iter().enumerate() {
-                        c.status?;
+                        if let Err(e) = c.status {
+                            set.note_cache_error(e, "writeback read");
+                            return Err(e);
+                        }
                         let b = c.buf.ok_or(Errno::EIO)?;
                         data[i * bs..(i + 1) * bs].copy_from_slice(&b);
                     }
-                    bch.write(off, data, false).await.status?;
+                    bch.write(off, data, false).await.status
+                };
+                match res {
+                    Ok(()) => backing.note_success(),
+                    Err(e) => {
+                        backing.note_error(set, e);
+                        return Err(e);
+                    }
                 }
                 Ok::<_, Errno>(backing.idx.0)
             }
@@ -307,9 +323,14 @@ async fn write_back_on_reactor(set: &Arc<CacheSet>, dirty: &[DirtySlot]) -> Resu
             }
         }
     }
-    for idx in touched {
-        if let Some(b) = set.backing(super::index::BackingIdx(idx)) {
-            b.desc.channel()?.flush().await.status?;
+    if flush {
+        for idx in touched {
+            if let Some(b) = set.backing(super::index::BackingIdx(idx)) {
+                if let Err(e) = b.desc.channel()?.flush().await.status {
+                    b.note_error(set, e);
+                    return Err(e);
+                }
+            }
         }
     }
     Ok(())

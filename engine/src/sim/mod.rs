@@ -37,6 +37,8 @@ struct State {
     writes: u64,
     /// Fail every I/O with this errno (device gone) when set.
     fail_all: Option<Errno>,
+    /// Fail writes and flushes (reads still work) with this errno when set.
+    fail_writes: Option<Errno>,
 }
 
 /// How a power cut treats writes that were not yet flushed.
@@ -80,6 +82,7 @@ impl SimDisk {
                 flushes: 0,
                 writes: 0,
                 fail_all: None,
+                fail_writes: None,
             })),
         })
     }
@@ -132,6 +135,11 @@ impl SimDisk {
     pub fn set_fail_all(&self, e: Option<Errno>) {
         self.lock().fail_all = e;
     }
+
+    /// Make writes and flushes fail with `e` while reads still work (None: recover).
+    pub fn set_fail_writes(&self, e: Option<Errno>) {
+        self.lock().fail_writes = e;
+    }
 }
 
 struct SimChannel {
@@ -157,6 +165,9 @@ impl BdevChannel for SimChannel {
     fn submit(&self, mut io: IoRequest) -> IoFuture {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = st.fail_all {
+            return IoFuture::ready(IoCompletion::err(e, io.buf));
+        }
+        if let (Some(e), true) = (st.fail_writes, io.io_type != IoType::Read) {
             return IoFuture::ready(IoCompletion::err(e, io.buf));
         }
         let off = io.offset as usize;

@@ -59,7 +59,8 @@ impl BlockSizes {
         if !preferred.is_power_of_two() || preferred < minimum.max(512) {
             return Err("preferred block size must be a power of two >= max(minimum, 512)");
         }
-        if maximum < preferred || maximum % minimum != 0 || maximum > DEFAULT_MAX_PAYLOAD {
+        // `minimum` is a power of two (checked above): a mask tests divisibility.
+        if maximum < preferred || maximum & (minimum - 1) != 0 || maximum > DEFAULT_MAX_PAYLOAD {
             return Err("maximum payload must be >= preferred, a multiple of minimum, <= 2^25");
         }
         Ok(BlockSizes { minimum, preferred, maximum })

@@ -1,6 +1,10 @@
-//! tiercache-nbd: the NBD protocol as pure, synchronous state machines.
+//! tiercache-nbd: the NBD frontend of tiercache.
 //!
-//! Nothing here touches a socket, a reactor or a bdev. The server glue feeds
+//! * [`server`]: the NBD server ([`NbdServer`]) running on the engine's
+//!   reactors: io_uring listeners and connections, exports over bdevs.
+//! * The protocol itself, below, as pure synchronous state machines.
+//!
+//! Nothing in the protocol modules touches a socket, a reactor or a bdev. The server glue feeds
 //! bytes in and gets typed events and bytes to send out; every state machine
 //! accepts its input split at any byte boundary, never panics on any input,
 //! and bounds what it buffers. Wire format and semantics follow the NBD

@@ -328,7 +328,8 @@ pub fn validate(raw: &RawRequest, cfg: &ExportConfig) -> Result<Request, Rejecti
         return bad(e, RequestError::TooLarge { length: raw.length, max });
     }
     let min = cfg.block_sizes.minimum();
-    if raw.offset % u64::from(min) != 0 || raw.length % min != 0 {
+    // `min` is a power of two (a BlockSizes invariant): a mask tests alignment.
+    if raw.offset & (u64::from(min) - 1) != 0 || raw.length & (min - 1) != 0 {
         return bad(Inval, RequestError::Misaligned { offset: raw.offset, length: raw.length, minimum: min });
     }
     let fits = raw.offset.checked_add(u64::from(raw.length)).is_some_and(|end| end <= cfg.size);

@@ -195,6 +195,9 @@ fn cost_of(req: &Request) -> usize {
 }
 
 /// A started request: a channel I/O, a multi-step one, or an immediate result.
+// The common case (a ChannelIo) is stored inline: boxing it would cost an
+// allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Exec {
     Io(ChannelIo),
     Boxed(Pin<Box<dyn Future<Output = IoCompletion>>>),

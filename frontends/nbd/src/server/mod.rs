@@ -276,11 +276,14 @@ struct Conns {
     map: HashMap<u64, Arc<ConnCtl>>,
 }
 
+/// Exports by name (`.0`) and names in insertion order (`.1`).
+type ExportTable = (HashMap<String, Arc<Export>>, Vec<String>);
+
 /// State shared by the server handle, the accept tasks and the connections.
 pub(crate) struct Shared {
     pub(crate) reactors: ReactorSet,
     /// Exports by name, and their insertion order (the first is the default).
-    exports: Mutex<(HashMap<String, Arc<Export>>, Vec<String>)>,
+    exports: Mutex<ExportTable>,
     conns: Mutex<Conns>,
     conns_changed: Condvar,
     next_conn: AtomicU64,

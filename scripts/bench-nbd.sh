@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# NBD server benchmark: the same fio jobs (ioengine=nbd) against
+#   tiercache/malloc   tiercache exporting a malloc bdev (examples/nbd_bench_server)
+#   tiercache/cached   tiercache exporting a write-back cached bdev (cache + backing on malloc)
+#   nbdkit/memory      nbdkit -f memory 1G
+#   qemu-nbd/file      qemu-nbd on a raw file on the root filesystem (page cache)
+# Server pinned to core 0, fio to core 1. Workloads: 4K randread / randwrite at QD 32,
+# 128K sequential read / write at QD 32. Each (server, workload) is run RUNS times;
+# reported: median IOPS (min–max) and server CPU per I/O = Δ(utime+stime) of the
+# server process (all threads, /proc/PID/stat) / I/Os completed.
+#
+# Usage: scripts/bench-nbd.sh [RUNTIME_SECONDS=5] [RUNS=3]
+# Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNTIME=${1:-5}
+RUNS=${2:-3}
+SERVER_CORE=${SERVER_CORE:-0}
+FIO_CORE=${FIO_CORE:-1}
+SIZE_MIB=${SIZE_MIB:-1024}
+OUT=${OUT:-/tmp/bench-nbd-results.md}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-nbdsrv}
+WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
+SERVER_PID=""
+
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+for t in fio nbdkit qemu-nbd taskset python3 nbdinfo; do
+  command -v "$t" >/dev/null || { echo "missing $t (see scripts/test.sh for the packages)" >&2; exit 1; }
+done
+
+echo "== building the bench server (release)"
+cargo build --release -q -p tiercache-nbd --example nbd_bench_server
+BENCH_BIN="$CARGO_TARGET_DIR/release/examples/nbd_bench_server"
+
+PORT=10900
+wait_ready() { # uri
+  for _ in $(seq 1 100); do
+    nbdinfo --size "$1" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "server at $1 did not come up" >&2
+  exit 1
+}
+
+start_server() { # name -> sets SERVER_PID, URI
+  PORT=$((PORT + 1))
+  case "$1" in
+    tiercache/malloc)
+      # stdin: a fifo nobody writes to, so the server runs until killed.
+      mkfifo "$WORK/stdin.$PORT"
+      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
+        --size-mib "$SIZE_MIB" --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
+      SERVER_PID=$!
+      exec 9>"$WORK/stdin.$PORT"
+      URI="nbd://127.0.0.1:$PORT/bench" ;;
+    tiercache/cached)
+      mkfifo "$WORK/stdin.$PORT"
+      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
+        --size-mib "$SIZE_MIB" --cached --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
+      SERVER_PID=$!
+      exec 9>"$WORK/stdin.$PORT"
+      URI="nbd://127.0.0.1:$PORT/bench" ;;
+    nbdkit/memory)
+      taskset -c "$SERVER_CORE" nbdkit -f -i 127.0.0.1 -p "$PORT" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
+      SERVER_PID=$!
+      URI="nbd://127.0.0.1:$PORT/" ;;
+    qemu-nbd/file)
+      rm -f "$WORK/disk.raw"
+      truncate -s "${SIZE_MIB}M" "$WORK/disk.raw"
+      taskset -c "$SERVER_CORE" qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$PORT" -t -e 16 \
+        "$WORK/disk.raw" >"$WORK/server.log" 2>&1 &
+      SERVER_PID=$!
+      URI="nbd://127.0.0.1:$PORT/bench" ;;
+  esac
+  wait_ready "$URI"
+}
+
+stop_server() {
+  exec 9>&- 2>/dev/null || true
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# fio_run uri rw bs -> prints "iops ios"
+fio_run() {
+  taskset -c "$FIO_CORE" fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=32 \
+    --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/fio.json" 2>/dev/null
+  python3 - "$WORK/fio.json" "$2" <<'EOF'
+import json, sys
+t = open(sys.argv[1]).read()
+j = json.loads(t[t.find('{'):])["jobs"][0]
+assert j["error"] == 0, j["error"]
+d = j["read"] if "read" in sys.argv[2] else j["write"]
+print(d["iops"], d["total_ios"])
+EOF
+}
+
+WORKLOADS="randread:4k randwrite:4k read:128k write:128k"
+SERVERS="tiercache/malloc nbdkit/memory qemu-nbd/file tiercache/cached"
+TICK_HZ=$(getconf CLK_TCK)
+: >"$WORK/raw.tsv"
+for s in $SERVERS; do
+  echo "== $s"
+  start_server "$s"
+  # Precondition: write the whole export once so reads return real data.
+  taskset -c "$FIO_CORE" fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1m --iodepth=8 \
+    --size="${SIZE_MIB}m" >/dev/null 2>&1
+  for w in $WORKLOADS; do
+    rw=${w%%:*}; bs=${w##*:}
+    for r in $(seq 1 "$RUNS"); do
+      c0=$(cpu_ticks "$SERVER_PID")
+      read -r iops ios < <(fio_run "$URI" "$rw" "$bs")
+      c1=$(cpu_ticks "$SERVER_PID")
+      us=$(python3 -c "print(($c1 - $c0) * 1e6 / $TICK_HZ / max(1, $ios))")
+      printf '%s\t%s %s\t%s\t%s\t%s\n' "$s" "$rw" "$bs" "$r" "$iops" "$us" | tee -a "$WORK/raw.tsv"
+    done
+  done
+  stop_server
+done
+
+python3 - "$WORK/raw.tsv" "$OUT" "$RUNTIME" "$RUNS" <<'EOF'
+import statistics, sys, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+data = collections.OrderedDict()
+for s, w, r, iops, us in rows:
+    data.setdefault(w, collections.OrderedDict()).setdefault(s, []).append((float(iops), float(us)))
+out = []
+out.append(f"fio runtime {sys.argv[3]} s, {sys.argv[4]} runs per cell: median (min–max)\n")
+out.append("| workload | server | IOPS | server CPU µs/I/O |")
+out.append("|---|---|---|---|")
+for w, servers in data.items():
+    for s, v in servers.items():
+        i = [x[0] for x in v]; c = [x[1] for x in v]
+        out.append(f"| {w} QD32 | {s} | {statistics.median(i):,.0f} ({min(i):,.0f}–{max(i):,.0f}) | "
+                   f"{statistics.median(c):.2f} ({min(c):.2f}–{max(c):.2f}) |")
+for w, servers in data.items():
+    if "tiercache/malloc" in servers and "nbdkit/memory" in servers:
+        a = statistics.median(x[0] for x in servers["tiercache/malloc"])
+        b = statistics.median(x[0] for x in servers["nbdkit/memory"])
+        out.append(f"\n{w}: tiercache/malloc / nbdkit memory IOPS = {a / b:.2f}×")
+text = "\n".join(out) + "\n"
+open(sys.argv[2], "w").write(text)
+print(text)
+EOF
+echo "results in $OUT"

@@ -31,6 +31,7 @@ impl Errno {
     pub const ETIMEDOUT: Errno = Errno(libc::ETIMEDOUT);
     pub const ECANCELED: Errno = Errno(libc::ECANCELED);
     pub const EILSEQ: Errno = Errno(libc::EILSEQ);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
 
     /// The errno of an `std::io::Error`, EIO when it has none.
     pub fn from_io(err: &std::io::Error) -> Errno {
@@ -71,6 +72,7 @@ impl Errno {
             libc::ETIMEDOUT => "ETIMEDOUT",
             libc::ECANCELED => "ECANCELED",
             libc::EILSEQ => "EILSEQ",
+            libc::ESTALE => "ESTALE",
             _ => "E?",
         }
     }

@@ -7,10 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::failure::{BackingState, DRAIN_WAIT_LIMIT};
-use super::index::{EntryKind, Hit};
+use super::index::{EntryKind, Hit, PromotionTicket};
 use super::log::ReactorLog;
 use super::ondisk::CacheMode;
-use super::set::{Backing, CacheSet};
+use super::promote::StreamDetector;
+use super::set::{Backing, CacheSet, IoRange};
 use crate::bdev::{Bdev, BdevChannel, BdevInfo, IoChannel, IoCompletion, IoFuture, IoRequest, IoType};
 use crate::dma::IoBuf;
 use crate::errno::Errno;
@@ -48,8 +49,13 @@ impl CachedBdev {
         self.backing.mode()
     }
 
+    /// Switch the cache mode online. Leaving writeback keeps serving dirty data from the
+    /// cache (reads always consult the index) and starts draining it.
     pub fn set_mode(&self, m: CacheMode) {
         self.backing.mode.store(m as u8, Ordering::Release);
+        if m != CacheMode::WriteBack {
+            self.set.request_drain();
+        }
     }
 }
 
@@ -61,7 +67,12 @@ impl Bdev for CachedBdev {
     fn create_channel(&self) -> Result<Box<dyn BdevChannel>, Errno> {
         let log = self.set.local()?;
         let backing_ch = self.backing.desc.channel()?;
-        Ok(Box::new(CachedChannel(Rc::new(Inner { log, backing_ch, backing: self.backing.clone() }))))
+        Ok(Box::new(CachedChannel(Rc::new(Inner {
+            log,
+            backing_ch,
+            backing: self.backing.clone(),
+            stream: StreamDetector::default(),
+        }))))
     }
 
     fn driver(&self) -> &'static str {
@@ -116,9 +127,22 @@ struct Inner {
     log: Rc<ReactorLog>,
     backing_ch: Rc<IoChannel>,
     backing: Arc<Backing>,
+    stream: StreamDetector,
 }
 
 struct CachedChannel(Rc<Inner>);
+
+/// Releases a claimed backing range when dropped (on every path out of a direct write).
+struct RangeGuard {
+    set: Arc<CacheSet>,
+    range: IoRange,
+}
+
+impl Drop for RangeGuard {
+    fn drop(&mut self) {
+        self.set.release_range(self.range);
+    }
+}
 
 impl BdevChannel for CachedChannel {
     fn submit(&self, io: IoRequest) -> IoFuture {
@@ -176,6 +200,72 @@ impl Inner {
         c
     }
 
+    /// Claim [offset, offset+len) of the backing device for a direct write: in-flight
+    /// writeback of those blocks finishes first, and writeback does not start on them
+    /// until the guard drops (after the cache entry for the new data is installed).
+    async fn claim_direct(&self, offset: u64, len: u64) -> Result<RangeGuard, Errno> {
+        let bs = self.bs();
+        let r = IoRange {
+            backing: self.backing.idx.0,
+            start: offset / bs,
+            end: (offset + len).div_ceil(bs),
+            writeback: false,
+        };
+        self.set().claim_direct(r).await?;
+        Ok(RangeGuard { set: self.set().clone(), range: r })
+    }
+
+    /// Whether this I/O continues a contiguous stream past the sequential cutoff.
+    fn is_sequential(&self, offset: u64, len: u64) -> bool {
+        let k = &self.set().knobs;
+        let cutoff = k.seq_cutoff_bytes.load(Ordering::Relaxed);
+        let run = self.stream.observe(offset, len);
+        if cutoff == 0 || run <= cutoff {
+            return false;
+        }
+        match k.seq_policy.load(Ordering::Relaxed) {
+            0 => true,
+            1 => self.set().free_segments() == 0,
+            _ => false,
+        }
+    }
+
+    /// Promotion candidates among `n` blocks from `lba0`: count their misses, and take a
+    /// ticket (before the backing read) for those at the threshold.
+    fn promotion_candidates(&self, lba0: u64, n: usize) -> Vec<(usize, super::index::BlockKey, PromotionTicket)> {
+        let set = self.set();
+        let after = set.knobs.promote_after.load(Ordering::Relaxed);
+        if after == 0 || set.is_failed() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for i in 0..n {
+            let Some(key) = CacheSet::key(self.backing.idx, lba0 + i as u64) else { continue };
+            if set.misses.miss(key) >= after {
+                out.push((i, key, self.log.promotion_ticket(key)));
+            }
+        }
+        out
+    }
+
+    /// Copy read-miss data into the cache for the candidates (a clean copy; a block that
+    /// changed since its ticket is skipped).
+    async fn promote(&self, cands: Vec<(usize, super::index::BlockKey, PromotionTicket)>, data: &[u8]) {
+        let bs = self.bs() as usize;
+        let set = self.set();
+        for (i, key, ticket) in cands {
+            match self.log.put_promoted(key, &data[i * bs..(i + 1) * bs], &ticket).await {
+                Ok(_) => {
+                    set.misses.forget(key);
+                    set.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    set.counters.promotions_stale.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     async fn run(&self, io: IoRequest) -> IoCompletion {
         match self.settled_state().await {
             BackingState::Stopped => return IoCompletion::err(Errno::EIO, io.buf),
@@ -187,10 +277,21 @@ impl Inner {
             }
             _ => {}
         }
+        let sequential = match io.io_type {
+            IoType::Read | IoType::Write => self.is_sequential(io.offset, io.len),
+            _ => false,
+        };
         match io.io_type {
             IoType::Read => {
                 let buf = io.buf.expect("validated read has a buffer");
-                self.read(io.offset, buf).await
+                self.read(io.offset, buf, !sequential).await
+            }
+            IoType::Write if sequential && self.backing.mode() == CacheMode::WriteBack => {
+                // A long sequential stream goes around the cache (bcache's sequential_cutoff).
+                self.set().counters.seq_bypasses.fetch_add(1, Ordering::Relaxed);
+                let buf = io.buf.expect("validated write has a buffer");
+                let r = self.write_around(io.offset, buf, io.fua).await;
+                IoCompletion { status: r.0, buf: r.1 }
             }
             IoType::Write => {
                 let buf = io.buf.expect("validated write has a buffer");
@@ -252,6 +353,7 @@ impl Inner {
     /// writethrough/promotion race): the cached copy is never newer than the origin.
     async fn write_through(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Errno> {
         let bs = self.bs() as usize;
+        let _range = self.claim_direct(offset, buf.len() as u64).await?;
         let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         c.status?;
         let buf = c.buf.ok_or(Errno::EIO)?;
@@ -273,6 +375,10 @@ impl Inner {
     async fn write_around(&self, offset: u64, buf: IoBuf, fua: bool) -> (Result<(), Errno>, Option<IoBuf>) {
         let bs = self.bs();
         let n = buf.len() as u64 / bs;
+        let _range = match self.claim_direct(offset, buf.len() as u64).await {
+            Ok(g) => g,
+            Err(e) => return (Err(e), Some(buf)),
+        };
         let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         if let Err(e) = c.status {
             return (Err(e), c.buf);
@@ -303,6 +409,7 @@ impl Inner {
                 Ok(())
             }
             _ => {
+                let _range = self.claim_direct(offset, len).await?;
                 self.backing_io(IoRequest::write_zeroes(offset, len)).await.status?;
                 self.invalidate(lba0, n).await
             }
@@ -321,7 +428,7 @@ impl Inner {
 
     // ---- reads ----------------------------------------------------------------------
 
-    async fn read(&self, offset: u64, mut buf: IoBuf) -> IoCompletion {
+    async fn read(&self, offset: u64, mut buf: IoBuf, may_promote: bool) -> IoCompletion {
         let bs = self.bs() as usize;
         let lba0 = offset / bs as u64;
         let n = buf.len() / bs;
@@ -346,7 +453,14 @@ impl Inner {
                 if srcs.iter().all(|s| matches!(s, Src::Miss)) {
                     // Whole request uncached: straight from the backing device.
                     set.counters.read_misses.fetch_add(1, Ordering::Relaxed);
-                    return self.backing_io(IoRequest::read(offset, buf)).await;
+                    let cands = if may_promote { self.promotion_candidates(lba0, n) } else { Vec::new() };
+                    let c = self.backing_io(IoRequest::read(offset, buf)).await;
+                    if c.status.is_ok() && !cands.is_empty() {
+                        if let Some(b) = c.buf.as_ref() {
+                            self.promote(cands, b).await;
+                        }
+                    }
+                    return c;
                 }
             }
             let mut retry = Vec::new();
@@ -363,12 +477,16 @@ impl Inner {
                 }
                 let (b0, cnt) = (todo[start], i - start);
                 let off = (lba0 + b0 as u64) * bs as u64;
+                let cands = if may_promote { self.promotion_candidates(lba0 + b0 as u64, cnt) } else { Vec::new() };
                 let c = self.backing_io(IoRequest::read(off, IoBuf::new(cnt * bs))).await;
                 if let Err(e) = c.status {
                     return IoCompletion::err(e, Some(buf));
                 }
                 if let Some(data) = c.buf {
                     buf[b0 * bs..(b0 + cnt) * bs].copy_from_slice(&data);
+                    if !cands.is_empty() {
+                        self.promote(cands, &data).await;
+                    }
                 }
             }
             // Cached blocks: RAM (here or on the owning reactor) or the cache device.

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::index::{BlockKey, EntryKind, InstallError, OpenSegment, Participant, SegmentId};
+use super::index::{BlockKey, EntryKind, InstallError, OpenSegment, Participant, PromotionTicket, SegmentId};
 use super::ondisk::{encode_segment_header, record_flags, BlockRecordOnDisk};
 use super::set::{CacheSet, SealedSeg};
 use crate::bdev::IoChannel;
@@ -176,6 +176,31 @@ impl ReactorLog {
         data: Option<&[u8]>,
         kind: EntryKind,
     ) -> Result<Placed, Errno> {
+        self.place(key, data, kind, None).await
+    }
+
+    /// Promote a block read from the backing device (a CLEAN copy). `ticket` was taken
+    /// before that read; if the block changed since, nothing is published (ESTALE).
+    pub(crate) async fn put_promoted(
+        self: &Rc<Self>,
+        key: BlockKey,
+        data: &[u8],
+        ticket: &PromotionTicket,
+    ) -> Result<Placed, Errno> {
+        self.place(key, Some(data), EntryKind::Clean, Some(ticket)).await
+    }
+
+    pub(crate) fn promotion_ticket(&self, key: BlockKey) -> PromotionTicket {
+        self.with_participant(|p| self.set.index.promotion_ticket(p, key))
+    }
+
+    async fn place(
+        self: &Rc<Self>,
+        key: BlockKey,
+        data: Option<&[u8]>,
+        kind: EntryKind,
+        ticket: Option<&PromotionTicket>,
+    ) -> Result<Placed, Errno> {
         let bs = self.set.geom.block_size() as usize;
         let hdr = self.set.geom.header_bytes();
         let slots = self.set.geom.slots_per_segment() as usize;
@@ -188,7 +213,7 @@ impl ReactorLog {
             let mut guard = self.open.borrow_mut();
             let ob = guard.as_mut().expect("open segment present");
             // Newest version already in our open segment: overwrite it in place.
-            if matches!(kind, EntryKind::Dirty) {
+            if matches!(kind, EntryKind::Dirty) && ticket.is_none() {
                 if let Some(hit) = self.lookup(key) {
                     if hit.segment == ob.seg.id() && !hit.zero {
                         let i = hit.version.index as usize;
@@ -213,7 +238,10 @@ impl ReactorLog {
             if let Some(d) = data {
                 ob.buf[hdr + i * bs..hdr + (i + 1) * bs].copy_from_slice(d);
             }
-            let installed = self.with_participant(|p| self.set.index.install(p, &ob.seg, i as u32, key, kind));
+            let installed = self.with_participant(|p| match ticket {
+                Some(t) => self.set.index.install_promotion(p, &ob.seg, i as u32, t, false),
+                None => self.set.index.install(p, &ob.seg, i as u32, key, kind),
+            });
             match installed {
                 Ok(_) => {
                     let rec = match (kind, data) {
@@ -244,6 +272,10 @@ impl ReactorLog {
                     ob.records.push(rec);
                     self.last_write.set(Instant::now());
                     return Ok(Placed::NewSlot);
+                }
+                Err(InstallError::Newer { .. } | InstallError::Changed) if ticket.is_some() => {
+                    // The block changed since the backing read: the promotion is stale.
+                    return Err(Errno::ESTALE);
                 }
                 Err(InstallError::Newer { .. }) => {
                     // A newer version lives in a segment with a higher seq than ours: move

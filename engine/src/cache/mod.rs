@@ -17,10 +17,12 @@ pub mod failure;
 pub mod index;
 pub mod log;
 pub mod ondisk;
+pub mod promote;
 pub mod set;
 pub mod writeback;
 
 pub use bdev::{mode_name, parse_mode, CachedBdev};
 pub use failure::{BackingState, StopPolicy};
 pub use ondisk::CacheMode;
+pub use promote::SeqCutoffPolicy;
 pub use set::{format, load, CacheError, CacheOptions, CacheSet};

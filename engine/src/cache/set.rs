@@ -87,6 +87,11 @@ pub struct CacheOptions {
     pub stop_when_cache_set_failed: super::failure::StopPolicy,
     /// How long a backing device may stay offline (ENODEV) before its cached bdev stops.
     pub backing_offline_grace: Duration,
+    /// Promote a read miss on its Nth miss within the window (0: never promote).
+    pub promote_after: u32,
+    /// Contiguous streams longer than this bypass the cache (0: off).
+    pub seq_cutoff_bytes: u64,
+    pub seq_cutoff_policy: super::promote::SeqCutoffPolicy,
 }
 
 impl Default for CacheOptions {
@@ -103,7 +108,92 @@ impl Default for CacheOptions {
             io_error_halflife: Duration::from_secs(60),
             stop_when_cache_set_failed: super::failure::StopPolicy::Auto,
             backing_offline_grace: Duration::from_secs(5),
+            promote_after: 2,
+            seq_cutoff_bytes: 4 << 20,
+            seq_cutoff_policy: super::promote::SeqCutoffPolicy::Always,
         }
+    }
+}
+
+/// A backing-device block range being written, by writeback or directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct IoRange {
+    pub backing: u8,
+    pub start: u64,
+    pub end: u64,
+    pub writeback: bool,
+}
+
+impl IoRange {
+    fn overlaps(&self, o: &IoRange) -> bool {
+        self.backing == o.backing && self.start < o.end && o.start < self.end
+    }
+}
+
+impl CacheSet {
+    /// Claim a range for writeback; false if a direct write to it is in flight.
+    pub(crate) fn claim_writeback(&self, r: IoRange) -> bool {
+        let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if v.iter().any(|x| !x.writeback && x.overlaps(&r)) {
+            return false;
+        }
+        v.push(r);
+        true
+    }
+
+    /// Claim a range for a direct write, waiting (bounded) while writeback writes it.
+    pub(crate) async fn claim_direct(&self, r: IoRange) -> Result<(), Errno> {
+        let started = Instant::now();
+        loop {
+            {
+                let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
+                if !v.iter().any(|x| x.writeback && x.overlaps(&r)) {
+                    v.push(r);
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err(Errno::ETIMEDOUT);
+            }
+            crate::reactor::sleep(Duration::from_micros(100)).await;
+        }
+    }
+
+    pub(crate) fn release_range(&self, r: IoRange) {
+        let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = v.iter().position(|x| *x == r) {
+            v.swap_remove(i);
+        }
+    }
+}
+
+/// Policy knobs read on the I/O path.
+pub(crate) struct Knobs {
+    pub promote_after: AtomicU32,
+    pub seq_cutoff_bytes: AtomicU64,
+    pub seq_policy: AtomicU8,
+}
+
+impl Knobs {
+    fn from(o: &CacheOptions) -> Knobs {
+        let k = Knobs {
+            promote_after: AtomicU32::new(0),
+            seq_cutoff_bytes: AtomicU64::new(0),
+            seq_policy: AtomicU8::new(0),
+        };
+        k.update(o);
+        k
+    }
+
+    fn update(&self, o: &CacheOptions) {
+        self.promote_after.store(o.promote_after, Ordering::Relaxed);
+        self.seq_cutoff_bytes.store(o.seq_cutoff_bytes, Ordering::Relaxed);
+        let p = match o.seq_cutoff_policy {
+            super::promote::SeqCutoffPolicy::Always => 0,
+            super::promote::SeqCutoffPolicy::Full => 1,
+            super::promote::SeqCutoffPolicy::Never => 2,
+        };
+        self.seq_policy.store(p, Ordering::Relaxed);
     }
 }
 
@@ -149,6 +239,9 @@ pub struct SetCounters {
     pub writeback_blocks: AtomicU64,
     pub segments_reclaimed: AtomicU64,
     pub space_waits: AtomicU64,
+    pub promotions: AtomicU64,
+    pub promotions_stale: AtomicU64,
+    pub seq_bypasses: AtomicU64,
 }
 
 /// A sealed segment waiting for writeback/reclaim, by seq.
@@ -181,7 +274,7 @@ pub struct CacheSet {
     /// Sealed segments by seq (writeback and reclaim take them oldest first).
     pub(crate) sealed: Mutex<BTreeMap<u64, SealedSeg>>,
     pub(crate) backings: RwLock<Vec<Option<Arc<Backing>>>>,
-    pub(crate) counters: SetCounters,
+    pub counters: SetCounters,
     /// Set when a fatal cache-device error happened: no new log writes.
     pub(crate) failed: AtomicBool,
     pub(crate) stopping: AtomicBool,
@@ -189,6 +282,12 @@ pub struct CacheSet {
     pub(crate) reclaimer: Mutex<Option<super::index::Reclaimer>>,
     pub(crate) kick: super::writeback::Kick,
     pub(crate) cache_errors: super::failure::ErrorCounter,
+    pub(crate) misses: super::promote::MissTracker,
+    /// Backing-device ranges being written by writeback or directly (writethrough,
+    /// writearound, bypass): the two never overlap (seed 003).
+    pub(crate) io_ranges: Mutex<Vec<IoRange>>,
+    /// The per-I/O policy knobs as atomics (read on every I/O without a lock).
+    pub(crate) knobs: Knobs,
     pub(crate) migration_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub(crate) drain_requested: AtomicBool,
 }
@@ -209,6 +308,7 @@ impl CacheSet {
                 geom.segment_size() / 1024
             )));
         }
+        let knobs = Knobs::from(&opts);
         let index = BlockIndex::new(nr_segments, geom.slots_per_segment())
             .map_err(|e| CacheError::Invalid(format!("index: {e}")))?;
         Ok(CacheSet {
@@ -232,6 +332,9 @@ impl CacheSet {
             reclaimer: Mutex::new(None),
             kick: Default::default(),
             cache_errors: Default::default(),
+            misses: Default::default(),
+            io_ranges: Mutex::new(Vec::new()),
+            knobs,
             migration_thread: Mutex::new(None),
             drain_requested: AtomicBool::new(false),
         })
@@ -250,6 +353,7 @@ impl CacheSet {
     }
 
     pub fn set_options(&self, o: CacheOptions) {
+        self.knobs.update(&o);
         *self.opts.write().unwrap_or_else(|e| e.into_inner()) = o;
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::future::join_all;
 
 use super::index::{DirtySlot, Reclaimer, SegmentId, Seq};
-use super::set::CacheSet;
+use super::set::{CacheSet, IoRange};
 use crate::dma::IoBuf;
 use crate::errno::Errno;
 
@@ -180,13 +180,13 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
         let dirty = set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?;
         part.offline();
         if !dirty.is_empty() {
-            write_back(set, dirty.clone())?;
+            let written = write_back(set, dirty)?;
             part.online();
-            for d in &dirty {
+            for d in &written {
                 set.index.mark_clean(&part, d.slot, d.gen);
             }
             part.offline();
-            set.counters.writeback_blocks.fetch_add(dirty.len() as u64, Ordering::Relaxed);
+            set.counters.writeback_blocks.fetch_add(written.len() as u64, Ordering::Relaxed);
         }
     }
     let last = batch.last().map(|b| b.0).unwrap_or(0);
@@ -251,7 +251,7 @@ fn seal_everywhere(set: &Arc<CacheSet>) {
 }
 
 /// Copy `dirty` blocks to their backing devices and flush those devices.
-fn write_back(set: &Arc<CacheSet>, dirty: Vec<DirtySlot>) -> Result<(), Errno> {
+fn write_back(set: &Arc<CacheSet>, dirty: Vec<DirtySlot>) -> Result<Vec<DirtySlot>, Errno> {
     let s = set.clone();
     set.reactors
         .block_on(set.migration_reactor(), move || async move { write_back_blocks(&s, &dirty, true).await })
@@ -261,11 +261,19 @@ fn write_back(set: &Arc<CacheSet>, dirty: Vec<DirtySlot>) -> Result<(), Errno> {
 /// Copy `dirty` blocks from the cache device to their backing devices (sorted by LBA,
 /// adjacent blocks merged), then flush the devices written (when `flush`). Runs on a
 /// reactor. Backing-device errors are counted against the device.
-pub(crate) async fn write_back_blocks(set: &Arc<CacheSet>, dirty: &[DirtySlot], flush: bool) -> Result<(), Errno> {
+///
+/// Returns the blocks that were written. A run that a direct write (writethrough,
+/// writearound, bypass) is writing is skipped for now; a block that stopped being the live
+/// version once its range was claimed is not written: the direct write that superseded it
+/// owns the backing device's copy (seed 003).
+pub(crate) async fn write_back_blocks(
+    set: &Arc<CacheSet>,
+    dirty: &[DirtySlot],
+    flush: bool,
+) -> Result<Vec<DirtySlot>, Errno> {
     let mut dirty = dirty.to_vec();
     dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
     let dirty = &dirty[..];
-    let bs = set.block_size() as usize;
     let cache_ch = set.cache.channel()?;
     // Runs of consecutive LBAs on the same backing device.
     let mut runs: Vec<&[DirtySlot]> = Vec::new();
@@ -282,44 +290,33 @@ pub(crate) async fn write_back_blocks(set: &Arc<CacheSet>, dirty: &[DirtySlot], 
         }
     }
     let mut touched = Vec::new();
+    let mut written = Vec::new();
     for chunk in runs.chunks(16) {
         let futs = chunk.iter().map(|run| {
             let cache_ch = cache_ch.clone();
             async move {
                 let first = run[0];
                 let backing = set.backing(first.key.backing()).ok_or(Errno::ENODEV)?;
-                let bch = backing.desc.channel()?;
-                let off = backing.data_offset + first.key.lba().0 * bs as u64;
-                let len = run.len() * bs;
-                let res = if first.zero {
-                    bch.write_zeroes(off, len as u64).await.status
-                } else {
-                    let mut data = IoBuf::new(len);
-                    let reads = run.iter().map(|d| cache_ch.read(set.geom.slot_id_offset(d.slot), IoBuf::new(bs)));
-                    for (i, c) in join_all(reads).await.into_iter().enumerate() {
-                        if let Err(e) = c.status {
-                            set.note_cache_error(e, "writeback read");
-                            return Err(e);
-                        }
-                        let b = c.buf.ok_or(Errno::EIO)?;
-                        data[i * bs..(i + 1) * bs].copy_from_slice(&b);
-                    }
-                    bch.write(off, data, false).await.status
+                let range = IoRange {
+                    backing: backing.idx.0,
+                    start: first.key.lba().0,
+                    end: first.key.lba().0 + run.len() as u64,
+                    writeback: true,
                 };
-                match res {
-                    Ok(()) => backing.note_success(),
-                    Err(e) => {
-                        backing.note_error(set, e);
-                        return Err(e);
-                    }
+                if !set.claim_writeback(range) {
+                    return Ok(None); // a direct write owns these blocks right now
                 }
-                Ok::<_, Errno>(backing.idx.0)
+                let res = write_run(set, &cache_ch, &backing, run).await;
+                set.release_range(range);
+                res.map(|w| Some((backing.idx.0, w)))
             }
         });
         for r in join_all(futs).await {
-            let idx = r?;
-            if !touched.contains(&idx) {
-                touched.push(idx);
+            if let Some((idx, w)) = r? {
+                written.extend(w);
+                if !touched.contains(&idx) {
+                    touched.push(idx);
+                }
             }
         }
     }
@@ -333,5 +330,58 @@ pub(crate) async fn write_back_blocks(set: &Arc<CacheSet>, dirty: &[DirtySlot], 
             }
         }
     }
-    Ok(())
+    Ok(written)
+}
+
+/// Write one claimed run: only blocks that are still the live version (a block superseded
+/// after the dirty list was taken is left to whoever superseded it).
+async fn write_run(
+    set: &Arc<CacheSet>,
+    cache_ch: &std::rc::Rc<crate::bdev::IoChannel>,
+    backing: &Arc<super::set::Backing>,
+    run: &[DirtySlot],
+) -> Result<Vec<DirtySlot>, Errno> {
+    let bs = set.block_size() as usize;
+    let log = set.local()?;
+    let live: Vec<DirtySlot> =
+        run.iter().copied().filter(|d| log.lookup(d.key).is_some_and(|h| h.slot == d.slot)).collect();
+    if live.is_empty() {
+        return Ok(live);
+    }
+    let bch = backing.desc.channel()?;
+    // Consecutive live blocks go out as one write.
+    let mut i = 0;
+    while i < live.len() {
+        let mut j = i + 1;
+        while j < live.len() && live[j].key.lba().0 == live[j - 1].key.lba().0 + 1 {
+            j += 1;
+        }
+        let part = &live[i..j];
+        let off = backing.data_offset + part[0].key.lba().0 * bs as u64;
+        let len = part.len() * bs;
+        let res = if part[0].zero {
+            bch.write_zeroes(off, len as u64).await.status
+        } else {
+            let mut data = IoBuf::new(len);
+            let reads = part.iter().map(|d| cache_ch.read(set.geom.slot_id_offset(d.slot), IoBuf::new(bs)));
+            for (k, c) in join_all(reads).await.into_iter().enumerate() {
+                if let Err(e) = c.status {
+                    set.note_cache_error(e, "writeback read");
+                    return Err(e);
+                }
+                let b = c.buf.ok_or(Errno::EIO)?;
+                data[k * bs..(k + 1) * bs].copy_from_slice(&b);
+            }
+            bch.write(off, data, false).await.status
+        };
+        match res {
+            Ok(()) => backing.note_success(),
+            Err(e) => {
+                backing.note_error(set, e);
+                return Err(e);
+            }
+        }
+        i = j;
+    }
+    Ok(live)
 }

@@ -75,7 +75,17 @@ pub(crate) struct Uring {
 impl Uring {
     pub(crate) fn new(entries: u32, submit_batch: u32, eventfd: RawFd) -> io::Result<Uring> {
         let entries = entries.clamp(8, 32768).next_power_of_two();
-        let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
+        // Completion task work runs only when this thread enters the kernel (COOP_TASKRUN),
+        // and the kernel raises a flag in the SQ ring when some is pending (TASKRUN_FLAG),
+        // so a busy reactor is not interrupted by IPIs for each completion: it checks the
+        // flag once per iteration and enters only when needed. Older kernels: plain ring.
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
         let max_in_flight = entries * 2 - 1; // one CQ entry is always left for the wake read
         Ok(Uring {
             ring: RefCell::new(ring),
@@ -164,10 +174,10 @@ impl Uring {
 
     /// Hand queued SQEs to the kernel (one syscall, only if anything is queued).
     pub(crate) fn flush(&self) -> bool {
-        if self.unsubmitted.get() == 0 {
+        let mut ring = self.ring.borrow_mut();
+        if self.unsubmitted.get() == 0 && !ring.submission().taskrun() {
             return false;
         }
-        let ring = self.ring.borrow_mut();
         match ring.submit() {
             Ok(n) => {
                 self.unsubmitted.set(self.unsubmitted.get().saturating_sub(n as u32));

@@ -1,19 +1,22 @@
 //! The application: reactors, bdevs, cache sets, the NBD server and the RPC server, brought
 //! up from a configuration and shut down in order on SIGINT/SIGTERM.
 //!
-//! Shutdown order: stop NBD (clients are disconnected cleanly) → FLUSH every cached bdev
+//! A watcher thread removes the NBD exports of cached bdevs that became Stopped (dead).
+//!
+//! Shutdown order: stop the export watcher → stop NBD (clients are disconnected cleanly) → FLUSH every cached bdev
 //! (every reactor's open log segment reaches the cache device) → stop the migration
 //! (writeback) threads → stop the RPC server → stop the reactors.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use serde_json::Value;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use tiercache_engine::bdev::{BdevDesc, BdevRegistry, IoStats};
+use tiercache_engine::cache::failure::BackingState;
 use tiercache_engine::cache::{CacheSet, CachedBdev};
 use tiercache_engine::reactor::{ReactorConfig, ReactorSet};
 use tiercache_engine::Errno;
@@ -39,11 +42,21 @@ pub struct CacheSetEntry {
     pub segment_size_kib: u32,
     /// Set by `bdev_cache_flush_start`.
     pub flush: Option<FlushProgress>,
+    /// Baseline of the set's counters taken by `bdev_cache_reset_stats` (the engine's
+    /// counters are shared with the I/O path and never zeroed).
+    pub counters_base: Option<Vec<(&'static str, u64)>>,
 }
 
 /// Progress of a requested flush (drain of every dirty block of a set).
 #[derive(Clone, Copy)]
 pub struct FlushProgress {
+    pub started: Instant,
+    pub dirty_at_start: u64,
+}
+
+/// Progress of a requested detach of one cached bdev.
+#[derive(Clone, Copy)]
+pub struct DetachProgress {
     pub started: Instant,
     pub dirty_at_start: u64,
 }
@@ -81,6 +94,10 @@ pub struct Target {
     pub malloc_seq: AtomicU64,
     /// Baselines of `bdev_cache_reset_stats`, by cached bdev name.
     pub stats_base: Mutex<HashMap<String, IoStats>>,
+    /// Detaches requested with `bdev_cache_detach`, by cached bdev name.
+    pub detaches: Mutex<HashMap<String, DetachProgress>>,
+    /// Set when the daemon shuts down (stops the export watcher).
+    pub stopping: AtomicBool,
 }
 
 /// Locks a std mutex, ignoring poisoning (a panicking handler must not wedge the daemon).
@@ -111,6 +128,8 @@ impl Target {
             started: Instant::now(),
             malloc_seq: AtomicU64::new(0),
             stats_base: Mutex::new(HashMap::new()),
+            detaches: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -206,6 +225,74 @@ impl Target {
         }
     }
 
+    /// Whether `name` is a cached bdev in the Stopped (dead) state.
+    fn is_dead(&self, name: &str) -> bool {
+        self.bdevs
+            .get(name)
+            .and_then(|b| b.as_any().downcast_ref::<CachedBdev>().map(|cb| cb.backing().state()))
+            .is_some_and(|s| s == BackingState::Stopped)
+    }
+
+    /// Removes the NBD exports of cached bdevs that are stopped (dead): their clients get
+    /// the answers to the requests in flight and a clean disconnect, rather than an export
+    /// that fails every request for ever. Returns the exports removed. Runs on a plain
+    /// thread (never inside an executor: `remove_export` waits on the reactors).
+    pub fn reap_dead_exports(&self) -> Vec<String> {
+        let dead: Vec<(String, String)> = {
+            let nbd = lock(&self.nbd);
+            nbd.exports.iter().map(|(k, e)| (k.clone(), e.bdev_name.clone())).collect()
+        };
+        let dead: Vec<(String, String)> = dead.into_iter().filter(|(_, b)| self.is_dead(b)).collect();
+        if dead.is_empty() {
+            return Vec::new();
+        }
+        let _g = futures::executor::block_on(self.ops.lock());
+        let mut removed = Vec::new();
+        for (export, bdev) in dead {
+            let server = {
+                let nbd = lock(&self.nbd);
+                // Re-checked under the operation lock: an RPC may have changed it.
+                if nbd.exports.get(&export).is_none_or(|e| e.bdev_name != bdev) {
+                    continue;
+                }
+                nbd.server.clone()
+            };
+            if let Some(s) = server {
+                if let Err(e) = s.remove_export(&export) {
+                    if e != Errno::ENODEV {
+                        log::error!("NBD export {export} of stopped bdev {bdev}: cannot remove it: {e}");
+                        continue;
+                    }
+                }
+            }
+            lock(&self.nbd).exports.remove(&export);
+            log::warn!(
+                "NBD export {export} removed: cached bdev {bdev} is stopped (dead); its clients were disconnected"
+            );
+            removed.push(export);
+        }
+        removed
+    }
+
+    /// Starts the thread that tears down exports of stopped cached bdevs (every 200 ms,
+    /// until [`stopping`](Self::stopping) is set).
+    pub fn start_export_watcher(self: &Arc<Self>) -> Option<std::thread::JoinHandle<()>> {
+        let t = self.clone();
+        let r = std::thread::Builder::new().name("export-watch".into()).spawn(move || {
+            while !t.stopping.load(Ordering::Acquire) {
+                t.reap_dead_exports();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        });
+        match r {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error!("cannot start the export watcher thread: {e}; exports of stopped bdevs stay up");
+                None
+            }
+        }
+    }
+
     /// Stops the NBD server (disconnecting its clients).
     pub fn stop_nbd(&self) {
         let server = lock(&self.nbd).server.take();
@@ -250,10 +337,15 @@ pub fn serve(args: ServeArgs) -> Result<(), String> {
             return Err(e);
         }
     };
+    let watcher = target.start_export_watcher();
     print_banner(&target, &args);
 
     let sig = signals.forever().next().unwrap_or(SIGTERM);
     log::info!("received {}, shutting down", if sig == SIGINT { "SIGINT" } else { "SIGTERM" });
+    target.stopping.store(true, Ordering::Release);
+    if let Some(h) = watcher {
+        let _ = h.join();
+    }
     shutdown(&target, Some(rpc));
     log::info!("shutdown complete");
     Ok(())

@@ -1,16 +1,23 @@
 //! Cache methods (modelled on SPDK's `bdev_ocf_*`): create / load / delete cached bdevs,
-//! stats, cache mode, flush (drain of dirty data) with progress. Detach / attach,
-//! sequential cut-off and the error-policy options are not in the engine yet: they answer
-//! `-EOPNOTSUPP`.
+//! stats, cache mode, options and sequential cut-off, flush (drain of dirty data) and
+//! detach with progress, re-attach. What the engine has no knob for (writeback percent and
+//! rates, the seq-cutoff promotion count) answers `-EOPNOTSUPP`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tiercache_engine::bdev::IoStats;
 use tiercache_engine::cache::index::SegmentId;
-use tiercache_engine::cache::ondisk::{BackingHeaderOnDisk, FormatError};
-use tiercache_engine::cache::{self, mode_name, CacheError, CacheMode, CacheOptions, CacheSet, CachedBdev};
-use tiercache_engine::IoBuf;
+use tiercache_engine::cache::ondisk::{BackingHeaderOnDisk, FormatError, DEFAULT_DATA_OFFSET};
+use tiercache_engine::cache::set::{Backing, SetCounters};
+use tiercache_engine::cache::{
+    self, mode_name, BackingState, CacheError, CacheMode, CacheOptions, CacheSet, CachedBdev, SeqCutoffPolicy,
+    StopPolicy,
+};
+use tiercache_engine::{Errno, IoBuf};
+use tiercache_jsonrpc::config::ConfigEntry;
 use tiercache_jsonrpc::schema::{
     self as s, BdevCacheAttachParams, BdevCacheCreateParams, BdevCacheGetBdevsParams, BdevCacheLoadParams,
     BdevCacheSetCacheModeParams, BdevCacheSetOptionsParams, BdevCacheSetSeqcutoffParams, NameParams,
@@ -19,7 +26,7 @@ use tiercache_jsonrpc::RpcError;
 
 use super::bdev::{claim, iostat_json};
 use super::{not_supported, reg};
-use crate::target::{lock, CacheSetEntry, FlushProgress, Target};
+use crate::target::{errno_err, lock, CacheSetEntry, DetachProgress, FlushProgress, Target};
 
 pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
     reg(t, "bdev_cache_create", |t, p: BdevCacheCreateParams| async move {
@@ -46,9 +53,14 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
     reg(t, "bdev_cache_get_bdevs", |t, p: BdevCacheGetBdevsParams| async move { get_bdevs(&t, p) })?;
     reg(t, "bdev_cache_get_stats", |t, p: NameParams| async move { get_stats(&t, &p.name).await })?;
     reg(t, "bdev_cache_reset_stats", |t, p: NameParams| async move {
-        let (desc, _) = t.cached_bdev(&p.name)?;
+        let (desc, set) = t.cached_bdev(&p.name)?;
         let now = desc.iostat(&t.reactors).await;
         lock(&t.stats_base).insert(p.name, now);
+        if let Some(key) = t.cache_key_of(&set) {
+            if let Some(e) = lock(&t.caches).get_mut(&key) {
+                e.counters_base = Some(counters(&set));
+            }
+        }
         Ok(true)
     })?;
     reg(t, "bdev_cache_set_cache_mode", |t, p: BdevCacheSetCacheModeParams| async move {
@@ -60,10 +72,7 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
         }
         Ok(true)
     })?;
-    reg(t, "bdev_cache_set_seqcutoff", |t, p: BdevCacheSetSeqcutoffParams| async move {
-        t.cached_bdev(&p.name)?;
-        Err::<bool, _>(not_supported("bdev_cache_set_seqcutoff (sequential cut-off)"))
-    })?;
+    reg(t, "bdev_cache_set_seqcutoff", |t, p: BdevCacheSetSeqcutoffParams| async move { set_seqcutoff(&t, p) })?;
     reg(t, "bdev_cache_set_options", |t, p: BdevCacheSetOptionsParams| async move { set_options(&t, p) })?;
     reg(t, "bdev_cache_flush_start", |t, p: NameParams| async move {
         let (_, set) = t.cached_bdev(&p.name)?;
@@ -82,12 +91,12 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
     })?;
     reg(t, "bdev_cache_flush_status", |t, p: NameParams| async move { flush_status(&t, &p.name) })?;
     reg(t, "bdev_cache_detach", |t, p: NameParams| async move {
-        t.cached_bdev(&p.name)?;
-        Err::<bool, _>(not_supported("bdev_cache_detach (detaching the cache from a cached bdev)"))
+        let _g = t.ops.lock().await;
+        detach(&t, &p.name)
     })?;
     reg(t, "bdev_cache_attach", |t, p: BdevCacheAttachParams| async move {
-        t.cached_bdev(&p.name)?;
-        Err::<bool, _>(not_supported("bdev_cache_attach (attaching a cache to a running cached bdev)"))
+        let _g = t.ops.lock().await;
+        attach(&t, p).await
     })?;
     Ok(())
 }
@@ -219,6 +228,7 @@ async fn create(t: &Arc<Target>, a: CreateArgs) -> Result<String, RpcError> {
                 origin,
                 segment_size_kib: seg_kib,
                 flush: None,
+                counters_base: None,
             };
             (set, Some(entry))
         }
@@ -380,22 +390,29 @@ async fn delete(t: &Arc<Target>, name: &str) -> Result<bool, RpcError> {
         .get(&key)
         .map(|e| e.members.iter().filter(|m| *m != name).cloned().collect())
         .unwrap_or_default();
-    // Everything written through it reaches the cache device before it goes away.
-    let d = desc.clone();
-    t.on_reactor(move || async move {
-        let ch = d.channel()?;
-        ch.flush().await.status
-    })
-    .await?
-    .map_err(|e| crate::target::errno_err(e, format!("cannot flush {name} before deleting it")))?;
-    if !others.is_empty() {
-        // The set stays up for the others. The engine cannot detach a backing device yet,
-        // so this one may only leave once nothing of it is dirty in the shared log.
-        let dirty = set.dirty_blocks();
+    let backing = desc.bdev().as_any().downcast_ref::<CachedBdev>().map(|cb| cb.backing().clone());
+    let dead = backing.as_ref().is_some_and(|b| b.state() == BackingState::Stopped);
+    if dead {
+        // A stopped (dead) cached bdev fails every I/O, FLUSH included; it can still go.
+        log::warn!("{name} is stopped (dead): deleting it without a flush");
+    } else {
+        // Everything written through it reaches the cache device before it goes away.
+        let d = desc.clone();
+        t.on_reactor(move || async move {
+            let ch = d.channel()?;
+            ch.flush().await.status
+        })
+        .await?
+        .map_err(|e| crate::target::errno_err(e, format!("cannot flush {name} before deleting it")))?;
+    }
+    if !others.is_empty() && !dead {
+        // The set stays up for the others and keeps this backing device registered, so
+        // this one may only leave once nothing of it is dirty in the shared log.
+        let dirty = backing.as_ref().map_or_else(|| set.dirty_blocks(), |b| set.dirty_blocks_of(b.idx));
         if dirty > 0 {
             return Err(RpcError::busy(format!(
-                "the cache set on {key} (shared with {}) holds {dirty} dirty blocks; flush it first \
-                 (bdev_cache_flush_start, then wait for bdev_cache_flush_status to report done)",
+                "{name} has {dirty} dirty blocks in the cache set on {key} (shared with {}); flush it first \
+                 (bdev_cache_flush_start, then wait for bdev_cache_flush_status to report done) or detach it",
                 others.join(", ")
             )));
         }
@@ -426,6 +443,7 @@ async fn delete(t: &Arc<Target>, name: &str) -> Result<bool, RpcError> {
         log::info!("cache set on {key} closed ({} dirty blocks stay in its log)", e.set.dirty_blocks());
     }
     lock(&t.stats_base).remove(name);
+    lock(&t.detaches).remove(name);
     log::info!("cached bdev {name} deleted");
     Ok(true)
 }
@@ -456,6 +474,7 @@ fn get_bdevs(t: &Arc<Target>, p: BdevCacheGetBdevsParams) -> Result<Vec<Value>, 
                 "origin": e.origin,
                 "shared_with": e.members.iter().filter(|x| *x != m).collect::<Vec<_>>(),
                 "failed": e.set.is_failed(),
+                "state": cb.backing().state().name(),
             }));
         }
     }
@@ -506,16 +525,42 @@ fn sub(a: &IoStats, b: &IoStats) -> IoStats {
 
 async fn get_stats(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
     let (desc, set) = t.cached_bdev(name)?;
-    let mode = desc.bdev().as_any().downcast_ref::<CachedBdev>().map(|cb| mode_name(cb.mode())).unwrap_or("");
+    let cb = desc
+        .bdev()
+        .as_any()
+        .downcast_ref::<CachedBdev>()
+        .ok_or_else(|| RpcError::no_device(format!("bdev {name} is not a cached bdev")))?;
+    let mode = mode_name(cb.mode());
+    let backing = cb.backing().clone();
     let io = desc.iostat(&t.reactors).await;
     let base = lock(&t.stats_base).get(name).copied().unwrap_or_default();
     let io = sub(&io, &base);
     let (live, dirty, capacity) = occupancy(&set);
     let sb = set.superblock();
     let key = t.cache_key_of(&set).unwrap_or_default();
+    let counters_base = lock(&t.caches).get(&key).and_then(|e| e.counters_base.clone());
+    let mut ctr = serde_json::Map::new();
+    for (k, v) in counters(&set) {
+        let b = counters_base.as_ref().and_then(|b| b.iter().find(|(n, _)| *n == k)).map_or(0, |(_, b)| *b);
+        ctr.insert(k.to_string(), json!(v.saturating_sub(b)));
+    }
+    let own_dirty = set.dirty_blocks_of(backing.idx);
+    let bs = u64::from(set.block_size());
+    let mut members = Vec::new();
+    if let Some(e) = lock(&t.caches).get(&key) {
+        for m in &e.members {
+            let Some(b) = t.bdevs.get(m) else { continue };
+            let Some(mcb) = b.as_any().downcast_ref::<CachedBdev>() else { continue };
+            members.push(json!({"name": m, "state": mcb.backing().state().name(), "mode": mode_name(mcb.mode())}));
+        }
+    }
     Ok(json!({
         "name": name,
         "mode": mode,
+        "state": backing.state().name(),
+        "core_bdev_name": backing.desc.name(),
+        "dirty_blocks": own_dirty,
+        "dirty_bytes": own_dirty * bs,
         "cache_set": {
             "cache_bdev_name": key,
             "uuid": set.uuid.to_string(),
@@ -530,53 +575,390 @@ async fn get_stats(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
             "dirty_percent": pct(dirty, capacity),
             "writeback_seq": sb.writeback_seq,
             "failed": set.is_failed(),
+            "members": members,
+            "options": options_json(&set.options()),
         },
+        "counters": Value::Object(ctr),
         "io": iostat_json(name, &io),
     }))
 }
 
+/// Every counter of the set, by name. The destructuring names every field, so a counter
+/// added to the engine does not compile here until it is reported.
+pub fn counters(set: &CacheSet) -> Vec<(&'static str, u64)> {
+    let SetCounters {
+        read_hits,
+        read_partial_hits,
+        read_misses,
+        write_blocks,
+        write_overwrites_in_buffer,
+        segments_sealed,
+        segments_written,
+        segment_write_errors,
+        conflict_seals,
+        flushes,
+        writeback_blocks,
+        segments_reclaimed,
+        space_waits,
+        promotions,
+        promotions_stale,
+        seq_bypasses,
+    } = &set.counters;
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    vec![
+        ("read_hits", g(read_hits)),
+        ("read_partial_hits", g(read_partial_hits)),
+        ("read_misses", g(read_misses)),
+        ("write_blocks", g(write_blocks)),
+        ("write_overwrites_in_buffer", g(write_overwrites_in_buffer)),
+        ("segments_sealed", g(segments_sealed)),
+        ("segments_written", g(segments_written)),
+        ("segment_write_errors", g(segment_write_errors)),
+        ("conflict_seals", g(conflict_seals)),
+        ("flushes", g(flushes)),
+        ("writeback_blocks", g(writeback_blocks)),
+        ("segments_reclaimed", g(segments_reclaimed)),
+        ("space_waits", g(space_waits)),
+        ("promotions", g(promotions)),
+        ("promotions_stale", g(promotions_stale)),
+        ("seq_bypasses", g(seq_bypasses)),
+    ]
+}
+
+fn policy_name(p: SeqCutoffPolicy) -> &'static str {
+    match p {
+        SeqCutoffPolicy::Always => "always",
+        SeqCutoffPolicy::Full => "full",
+        SeqCutoffPolicy::Never => "never",
+    }
+}
+
+fn stop_policy_name(p: StopPolicy) -> &'static str {
+    match p {
+        StopPolicy::Auto => "auto",
+        StopPolicy::Always => "always",
+    }
+}
+
+/// The options of a set as `bdev_cache_get_stats` shows them (RPC names and units).
+fn options_json(o: &CacheOptions) -> Value {
+    json!({
+        "seal_idle_ms": o.seal_idle.as_millis() as u64,
+        "io_error_limit": o.cache_io_error_limit,
+        "backing_io_error_limit": o.backing_io_error_limit,
+        "io_error_halflife": o.io_error_halflife.as_secs(),
+        "stop_when_cache_set_failed": stop_policy_name(o.stop_when_cache_set_failed),
+        "backing_offline_grace_ms": o.backing_offline_grace.as_millis() as u64,
+        "promote_after_hits": o.promote_after,
+        "seq_cutoff_policy": policy_name(o.seq_cutoff_policy),
+        "seq_cutoff_threshold_kib": o.seq_cutoff_bytes / 1024,
+        "writeback_free_low_percent": o.writeback_free_low_percent,
+        "space_wait_limit_ms": o.space_wait_limit.as_millis() as u64,
+    })
+}
+
+/// The calls that restore a set's options that differ from the defaults (for save_config:
+/// they follow the `bdev_cache_create` of the set's first cached bdev `name`).
+pub fn options_config(name: &str, o: &CacheOptions) -> Vec<ConfigEntry> {
+    let d = CacheOptions::default();
+    let mut out = Vec::new();
+    let mut p = serde_json::Map::new();
+    if o.seal_idle != d.seal_idle {
+        p.insert("seal_idle_ms".into(), json!((o.seal_idle.as_millis() as u64).max(1)));
+    }
+    // One RPC knob sets both limits; a differing pair cannot come from the RPC.
+    if o.cache_io_error_limit != d.cache_io_error_limit || o.backing_io_error_limit != d.backing_io_error_limit {
+        p.insert("io_error_limit".into(), json!(o.cache_io_error_limit));
+    }
+    if o.io_error_halflife != d.io_error_halflife {
+        p.insert("io_error_halflife".into(), json!(o.io_error_halflife.as_secs().clamp(1, u64::from(u32::MAX))));
+    }
+    if o.stop_when_cache_set_failed != d.stop_when_cache_set_failed {
+        p.insert("stop_when_cache_set_failed".into(), json!(stop_policy_name(o.stop_when_cache_set_failed)));
+    }
+    if o.backing_offline_grace != d.backing_offline_grace {
+        p.insert("backing_offline_grace_ms".into(), json!(o.backing_offline_grace.as_millis() as u64));
+    }
+    if o.promote_after != d.promote_after {
+        p.insert("promote_after_hits".into(), json!(o.promote_after));
+    }
+    if !p.is_empty() {
+        p.insert("name".into(), json!(name));
+        out.push(ConfigEntry { method: "bdev_cache_set_options".into(), params: Some(Value::Object(p)) });
+    }
+    if o.seq_cutoff_policy != d.seq_cutoff_policy || o.seq_cutoff_bytes != d.seq_cutoff_bytes {
+        let mut p = json!({"name": name, "policy": policy_name(o.seq_cutoff_policy)});
+        let kib = o.seq_cutoff_bytes / 1024;
+        if (1..=4_194_181).contains(&kib) {
+            p["threshold"] = json!(kib);
+        } else if o.seq_cutoff_bytes == 0 {
+            // Threshold 0 switches the cut-off off whatever the policy.
+            p["policy"] = json!("never");
+        }
+        out.push(ConfigEntry { method: "bdev_cache_set_seqcutoff".into(), params: Some(p) });
+    }
+    out
+}
+
 fn set_options(t: &Arc<Target>, p: BdevCacheSetOptionsParams) -> Result<bool, RpcError> {
     let (_, set) = t.cached_bdev(&p.name)?;
-    let mut unsupported = Vec::new();
-    let knobs: [(&str, bool); 8] = [
+    let unsupported: Vec<&str> = [
         ("writeback_percent", p.writeback_percent.is_some()),
         ("writeback_rate_min", p.writeback_rate_min.is_some()),
         ("writeback_rate_max", p.writeback_rate_max.is_some()),
-        ("io_error_limit", p.io_error_limit.is_some()),
-        ("io_error_halflife", p.io_error_halflife.is_some()),
-        ("stop_when_cache_set_failed", p.stop_when_cache_set_failed.is_some()),
-        ("backing_offline_grace_ms", p.backing_offline_grace_ms.is_some()),
-        ("promote_after_hits", p.promote_after_hits.is_some()),
-    ];
-    for (k, given) in knobs {
-        if given {
-            unsupported.push(k);
-        }
-    }
+    ]
+    .into_iter()
+    .filter(|(_, given)| *given)
+    .map(|(k, _)| k)
+    .collect();
     if !unsupported.is_empty() {
         // Nothing is applied: the call is all or nothing.
-        return Err(not_supported(format!("bdev_cache_set_options {}", unsupported.join(", "))));
+        return Err(not_supported(format!(
+            "bdev_cache_set_options {} (the engine starts writeback by free log space and does not limit its rate)",
+            unsupported.join(", ")
+        )));
     }
+    let mut o = set.options();
+    let mut applied = Vec::new();
     if let Some(ms) = p.seal_idle_ms {
-        let mut o = set.options();
-        o.seal_idle = std::time::Duration::from_millis(ms.max(1));
-        set.set_options(o);
-        log::info!("{}: seal_idle set to {ms} ms", p.name);
+        o.seal_idle = Duration::from_millis(ms.max(1));
+        applied.push(format!("seal_idle_ms={ms}"));
     }
+    if let Some(n) = p.io_error_limit {
+        o.cache_io_error_limit = n;
+        o.backing_io_error_limit = n;
+        applied.push(format!("io_error_limit={n}"));
+    }
+    if let Some(secs) = p.io_error_halflife {
+        o.io_error_halflife = Duration::from_secs(u64::from(secs));
+        applied.push(format!("io_error_halflife={secs}s"));
+    }
+    if let Some(sp) = p.stop_when_cache_set_failed {
+        o.stop_when_cache_set_failed = match sp {
+            s::StopWhenCacheSetFailed::Auto => StopPolicy::Auto,
+            s::StopWhenCacheSetFailed::Always => StopPolicy::Always,
+        };
+        applied.push(format!("stop_when_cache_set_failed={}", sp.as_str()));
+    }
+    if let Some(ms) = p.backing_offline_grace_ms {
+        o.backing_offline_grace = Duration::from_millis(ms);
+        applied.push(format!("backing_offline_grace_ms={ms}"));
+    }
+    if let Some(n) = p.promote_after_hits {
+        o.promote_after = n;
+        applied.push(format!("promote_after_hits={n}"));
+    }
+    set.set_options(o);
+    log::info!("{}: cache set options: {}", p.name, applied.join(", "));
+    Ok(true)
+}
+
+fn set_seqcutoff(t: &Arc<Target>, p: BdevCacheSetSeqcutoffParams) -> Result<bool, RpcError> {
+    let (_, set) = t.cached_bdev(&p.name)?;
+    if p.promotion_count.is_some() {
+        return Err(not_supported(
+            "bdev_cache_set_seqcutoff promotion_count (the engine counts a stream by its contiguous bytes, not \
+             by a number of requests)",
+        ));
+    }
+    let mut o = set.options();
+    o.seq_cutoff_policy = match p.policy {
+        s::SeqCutoffPolicy::Always => SeqCutoffPolicy::Always,
+        s::SeqCutoffPolicy::Full => SeqCutoffPolicy::Full,
+        s::SeqCutoffPolicy::Never => SeqCutoffPolicy::Never,
+    };
+    if let Some(kib) = p.threshold {
+        o.seq_cutoff_bytes = u64::from(kib) * 1024;
+    }
+    let bytes = o.seq_cutoff_bytes;
+    set.set_options(o);
+    log::info!("{}: sequential cut-off {} above {} KiB", p.name, p.policy, bytes / 1024);
+    Ok(true)
+}
+
+/// `bdev_cache_detach`: writes bypass the cache from now on, the bdev's dirty data is
+/// written back in the background, then it runs with zero I/O to the cache device.
+/// Returns at once; `bdev_cache_flush_status` reports the progress.
+fn detach(t: &Arc<Target>, name: &str) -> Result<bool, RpcError> {
+    let (desc, set) = t.cached_bdev(name)?;
+    let cb = desc
+        .bdev()
+        .as_any()
+        .downcast_ref::<CachedBdev>()
+        .ok_or_else(|| RpcError::no_device(format!("bdev {name} is not a cached bdev")))?;
+    let b = cb.backing().clone();
+    let before = b.state();
+    if before == BackingState::Running {
+        let dirty = set.dirty_blocks_of(b.idx);
+        lock(&t.detaches).insert(name.to_string(), DetachProgress { started: Instant::now(), dirty_at_start: dirty });
+    }
+    set.detach(&b).map_err(|e| {
+        lock(&t.detaches).remove(name);
+        errno_err(e, format!("cannot detach {name} (state {})", b.state().name()))
+    })?;
+    if before != BackingState::Running {
+        lock(&t.detaches)
+            .entry(name.to_string())
+            .or_insert(DetachProgress { started: Instant::now(), dirty_at_start: 0 });
+    }
+    log::info!("{name}: detach requested (was {}, now {})", before.name(), b.state().name());
+    Ok(true)
+}
+
+/// `bdev_cache_attach`: re-attach a detached cached bdev to its cache set. The engine
+/// keeps the old backing slot (detached) in the set, so the backing device joins again as
+/// a fresh backing device: its tiercache header is cleared, the set registers it under a
+/// new index and UUID (same data offset, so its data stays where it is), and a new
+/// cached bdev replaces the old one under the same name, in the same cache mode.
+async fn attach(t: &Arc<Target>, p: BdevCacheAttachParams) -> Result<bool, RpcError> {
+    let name = p.name.as_str();
+    let (desc, set) = t.cached_bdev(name)?;
+    let cb = desc
+        .bdev()
+        .as_any()
+        .downcast_ref::<CachedBdev>()
+        .ok_or_else(|| RpcError::no_device(format!("bdev {name} is not a cached bdev")))?;
+    let old = cb.backing().clone();
+    let mode = cb.mode();
+    t.open(&p.cache_bdev_name)?;
+    let key = t.cache_key_of(&set).unwrap_or_default();
+    if p.cache_bdev_name != key {
+        return Err(not_supported(format!(
+            "attaching {name} to the cache on {} (it can only re-attach to its own cache set on {key})",
+            p.cache_bdev_name
+        )));
+    }
+    if p.format {
+        return Err(RpcError::busy(format!(
+            "bdev {key} holds the running cache set of {name}; \"format\": true would destroy it"
+        )));
+    }
+    match old.state() {
+        BackingState::Detached => {}
+        BackingState::Running => {
+            return Err(RpcError::from_errno(libc::EALREADY, format!("{name} is attached to its cache already")))
+        }
+        BackingState::Detaching => {
+            return Err(RpcError::busy(format!(
+                "{name} is still detaching; wait for bdev_cache_flush_status to report done"
+            )))
+        }
+        st => {
+            let why = if set.is_failed() { "its cache set has failed" } else { "it is not detached" };
+            return Err(RpcError::from_errno(
+                libc::EIO,
+                format!("{name} cannot be re-attached: {why} (state {}); delete it instead", st.name()),
+            ));
+        }
+    }
+    if set.is_failed() {
+        return Err(RpcError::from_errno(libc::EIO, format!("the cache set on {key} has failed")));
+    }
+    if old.data_offset != DEFAULT_DATA_OFFSET {
+        return Err(not_supported(format!(
+            "re-attaching {name}: its data starts at byte {} of its backing device, a fresh backing device at {}",
+            old.data_offset, DEFAULT_DATA_OFFSET
+        )));
+    }
+    t.check_deletable(name)?;
+    let core = old.desc.name().to_string();
+    let core_desc = t.open(&core)?;
+    let hdr_len = 4096usize.max(core_desc.bdev().info().block_size as usize);
+    // Keep the header to put it back if the attach fails.
+    let saved = {
+        let d = core_desc.clone();
+        t.on_reactor(move || async move {
+            let ch = d.channel()?;
+            let c = ch.read(0, IoBuf::new(hdr_len)).await;
+            c.status?;
+            c.buf.ok_or(Errno::EIO)
+        })
+        .await?
+        .map_err(|e| errno_err(e, format!("cannot read the backing header of {core}")))?
+    };
+    let write_hdr = |bytes: IoBuf| {
+        let d = core_desc.clone();
+        t.on_reactor(move || async move {
+            let ch = d.channel()?;
+            let c = ch.write(0, bytes, true).await;
+            c.status?;
+            ch.flush().await.status
+        })
+    };
+    write_hdr(IoBuf::zeroed(hdr_len))
+        .await?
+        .map_err(|e| errno_err(e, format!("cannot clear the backing header of {core}")))?;
+    let (s2, d2) = (set.clone(), core_desc.clone());
+    let r = t.on_reactor(move || async move { s2.attach(d2, mode).await }).await;
+    let backing = match r {
+        Ok(Ok(b)) if b.num_blocks == old.num_blocks => b,
+        other => {
+            let what = match &other {
+                Ok(Ok(b)) => format!("its size changed ({} blocks, was {})", b.num_blocks, old.num_blocks),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.message.clone(),
+            };
+            if let Ok(Ok(b)) = &other {
+                // Never used: no I/O went through it.
+                if let Err(e) = set.detach(b) {
+                    log::error!("{name}: cannot retire the new backing slot {}: {e}", b.idx.0);
+                }
+            }
+            if let Ok(Err(e)) = write_hdr(saved).await {
+                log::error!("{name}: cannot restore the backing header of {core}: {e}");
+            }
+            let errno = match &other {
+                Ok(Err(e)) => e.errno().0,
+                Err(e) => -e.code,
+                Ok(Ok(_)) => libc::EINVAL,
+            };
+            return Err(RpcError::from_errno(
+                errno,
+                format!("cannot re-attach {core} to the cache set on {key}: {what}"),
+            ));
+        }
+    };
+    // Swap the cached bdev registered under `name`.
+    t.unregister(name).await?;
+    let bdev = CachedBdev::new(name, set.clone(), backing.clone());
+    if let Err(e) = t.bdevs.register(bdev) {
+        log::error!("{name}: cannot register the re-attached cached bdev: {e}; putting the detached one back");
+        let _ = t.bdevs.register(CachedBdev::new(name, set.clone(), old.clone()));
+        let _ = set.detach(&backing);
+        return Err(errno_err(e, format!("cannot register bdev {name}")));
+    }
+    lock(&t.detaches).remove(name);
+    lock(&t.stats_base).remove(name);
+    log::info!(
+        "{name}: re-attached to the cache set on {key} as backing device {} ({}), mode {}",
+        backing.idx.0,
+        backing.uuid,
+        mode_name(mode)
+    );
     Ok(true)
 }
 
 fn flush_status(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
-    let (_, set) = t.cached_bdev(name)?;
+    let (desc, set) = t.cached_bdev(name)?;
+    let backing = desc.bdev().as_any().downcast_ref::<CachedBdev>().map(|cb| cb.backing().clone());
+    let progress = t.cache_key_of(&set).and_then(|k| lock(&t.caches).get(&k).and_then(|e| e.flush));
+    let detach = lock(&t.detaches).get(name).copied();
+    if let (Some(d), Some(b)) = (detach, &backing) {
+        if progress.is_none_or(|f| f.started <= d.started) {
+            return Ok(detach_status(&set, b, d));
+        }
+    }
     let dirty = set.dirty_blocks();
     let bs = u64::from(set.block_size());
-    let progress = t.cache_key_of(&set).and_then(|k| lock(&t.caches).get(&k).and_then(|e| e.flush));
     let done = dirty == 0;
     let mut v = json!({
         "done": done,
         "dirty_blocks": dirty,
         "dirty_bytes": dirty * bs,
     });
+    if let Some(b) = &backing {
+        v["bdev_state"] = json!(b.state().name());
+    }
     match progress {
         None => {
             v["state"] = json!(if done { "clean" } else { "dirty (no flush requested)" });
@@ -601,4 +983,40 @@ fn flush_status(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
         v["error"] = json!("the cache device has failed; dirty data cannot be written back");
     }
     Ok(v)
+}
+
+/// The progress of a detach, in the ProgressStatus contract: done once the bdev is
+/// detached; an error if it left the detaching state any other way (stopped, failed set).
+fn detach_status(set: &CacheSet, b: &Backing, d: DetachProgress) -> Value {
+    let st = set.detach_status(b);
+    let bs = u64::from(set.block_size());
+    let elapsed = d.started.elapsed().as_secs_f64();
+    let percent = if st.done || d.dirty_at_start == 0 {
+        if st.done {
+            100.0
+        } else {
+            0.0
+        }
+    } else {
+        pct(d.dirty_at_start.saturating_sub(st.dirty_blocks), d.dirty_at_start)
+    };
+    let mut v = json!({
+        "done": st.done,
+        "operation": "detach",
+        "state": st.state,
+        "bdev_state": st.state,
+        "percent": percent,
+        "dirty_blocks": st.dirty_blocks,
+        "dirty_bytes": st.dirty_blocks * bs,
+        "elapsed_sec": (elapsed * 1000.0).round() / 1000.0,
+    });
+    let state = b.state();
+    if !matches!(state, BackingState::Detaching | BackingState::Detached) {
+        v["error"] = json!(format!(
+            "the detach did not complete: the cached bdev is {}{}",
+            state.name(),
+            if set.is_failed() { " (its cache set failed)" } else { "" }
+        ));
+    }
+    v
 }

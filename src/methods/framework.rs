@@ -135,6 +135,7 @@ fn dependency_order(bdevs: Vec<Arc<dyn Bdev>>) -> Vec<Arc<dyn Bdev>> {
 
 fn bdev_config(t: &Arc<Target>) -> Vec<ConfigEntry> {
     let mut out = Vec::new();
+    let mut sets_done = BTreeSet::new();
     for b in dependency_order(t.bdevs.list()) {
         if let Some(cb) = b.as_any().downcast_ref::<CachedBdev>() {
             let params = json!({
@@ -144,6 +145,10 @@ fn bdev_config(t: &Arc<Target>) -> Vec<ConfigEntry> {
                 "core_bdev_name": cb.backing().desc.name(),
             });
             out.push(ConfigEntry { method: "bdev_cache_create".into(), params: Some(params) });
+            // The set's options follow its first cached bdev (they are per set).
+            if sets_done.insert(cb.cache_set().uuid) {
+                out.extend(super::cache::options_config(&b.info().name, &cb.cache_set().options()));
+            }
             continue;
         }
         let Some((method, mut params)) = b.config_call() else {

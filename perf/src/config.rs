@@ -8,6 +8,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use serde::Serialize;
 
 use crate::size::parse_size;
+use tiercache_engine::cache::CacheMode;
 
 /// What the queue slots do.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -116,9 +117,20 @@ impl JobConfig {
 /// The device under test.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TargetSpec {
-    Null { size: u64, block_size: u32 },
-    Malloc { size: u64, block_size: u32 },
-    Uring { path: PathBuf, block_size: Option<u32> },
+    Null {
+        size: u64,
+        block_size: u32,
+    },
+    Malloc {
+        size: u64,
+        block_size: u32,
+    },
+    Uring {
+        path: PathBuf,
+        block_size: Option<u32>,
+    },
+    /// A cache set on one file in front of another (see [`crate::cached`]).
+    Cached(Box<crate::cached::CachedSpec>),
 }
 
 /// A full run as asked on the command line.
@@ -207,7 +219,27 @@ struct Cli {
     /// Target: a file or block device through io_uring.
     #[arg(long, value_name = "FILE", group = "target")]
     uring: Option<PathBuf>,
-    /// Block size of the target: 512 or 4096 (default 4096 for null/malloc; detected for uring).
+    /// Target: a cache set on CACHE_FILE (uring) in front of --backing; the run goes to the
+    /// cached bdev. Loads the set unless --cache-format is given.
+    #[arg(long, value_name = "CACHE_FILE", group = "target", requires = "backing")]
+    cache: Option<PathBuf>,
+    /// With --cache: the backing (slow) device's file.
+    #[arg(long, value_name = "BACKING_FILE", requires = "cache")]
+    backing: Option<PathBuf>,
+    /// With --cache: put the backing file behind a delay bdev injecting AVG (and P99, default
+    /// AVG) microseconds on every I/O, e.g. 5000,20000 for an HDD.
+    #[arg(long = "backing-delay-us", value_name = "AVG[,P99]", requires = "cache", value_parser = parse_delay)]
+    backing_delay_us: Option<(u64, u64)>,
+    /// With --cache: format the cache file as a new, empty cache set (destroys its contents).
+    #[arg(long = "cache-format", requires = "cache")]
+    cache_format: bool,
+    /// With --cache --cache-format: log segment size (power of two, 128k-4M; default 512k).
+    #[arg(long = "segment-size", value_name = "SIZE", value_parser = parse_size, requires = "cache")]
+    segment_size: Option<u64>,
+    /// With --cache: writeback, writethrough, writearound or passthrough.
+    #[arg(long = "cache-mode", value_name = "MODE", value_parser = parse_cache_mode, requires = "cache")]
+    cache_mode: Option<CacheMode>,
+    /// Block size of the target: 512 or 4096 (default 4096 for null/malloc/cache; detected for uring).
     #[arg(long = "block-size", value_parser = parse_size)]
     block_size: Option<u64>,
     /// Print one JSON document at the end (and no progress lines).
@@ -245,6 +277,25 @@ fn parse_theta(s: &str) -> Result<f64, String> {
         return Err(format!("bad zipf theta {s:?}: must be in (0, 100]"));
     }
     Ok(v)
+}
+
+fn parse_delay(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("bad backing delay {s:?}: expected AVG or AVG,P99 in microseconds, e.g. 5000,20000");
+    let mut it = s.split(',');
+    let avg: u64 = it.next().ok_or_else(bad)?.trim().parse().map_err(|_| bad())?;
+    let p99: u64 = match it.next() {
+        Some(p) => p.trim().parse().map_err(|_| bad())?,
+        None => avg,
+    };
+    if it.next().is_some() || p99 < avg || p99 > tiercache_bdevs::delay::MAX_LATENCY_US {
+        return Err(format!("{}; P99 must be >= AVG and at most one hour", bad()));
+    }
+    Ok((avg, p99))
+}
+
+fn parse_cache_mode(s: &str) -> Result<CacheMode, String> {
+    tiercache_engine::cache::parse_mode(s)
+        .ok_or_else(|| format!("bad cache mode {s:?}: expected writeback, writethrough, writearound or passthrough"))
 }
 
 fn block_size_arg(bs: Option<u64>) -> Result<Option<u32>, String> {
@@ -323,11 +374,60 @@ where
         return Ok(Mode::IdleCheck { cores, secs, json: cli.json });
     }
     let block_size = block_size_arg(cli.block_size).map_err(invalid)?;
-    let target = match (cli.null, cli.malloc, cli.uring) {
-        (Some(size), None, None) => TargetSpec::Null { size, block_size: block_size.unwrap_or(4096) },
-        (None, Some(size), None) => TargetSpec::Malloc { size, block_size: block_size.unwrap_or(4096) },
-        (None, None, Some(path)) => TargetSpec::Uring { path, block_size },
-        _ => return Err(invalid("a target is required: --null SIZE, --malloc SIZE or --uring FILE".into())),
+    if cli.cache.is_none()
+        && (cli.backing.is_some()
+            || cli.backing_delay_us.is_some()
+            || cli.cache_format
+            || cli.segment_size.is_some()
+            || cli.cache_mode.is_some())
+    {
+        return Err(invalid(
+            "--backing, --backing-delay-us, --cache-format, --segment-size and --cache-mode apply only with --cache"
+                .into(),
+        ));
+    }
+    let target = match (cli.null, cli.malloc, cli.uring, cli.cache) {
+        (Some(size), None, None, None) => TargetSpec::Null { size, block_size: block_size.unwrap_or(4096) },
+        (None, Some(size), None, None) => TargetSpec::Malloc { size, block_size: block_size.unwrap_or(4096) },
+        (None, None, Some(path), None) => TargetSpec::Uring { path, block_size },
+        (None, None, None, Some(cache_path)) => {
+            let segment_size = match cli.segment_size {
+                None => tiercache_engine::cache::ondisk::DEFAULT_SEGMENT_SIZE,
+                Some(s) => {
+                    let (lo, hi) = (
+                        tiercache_engine::cache::ondisk::MIN_SEGMENT_SIZE,
+                        tiercache_engine::cache::ondisk::MAX_SEGMENT_SIZE,
+                    );
+                    if !s.is_power_of_two() || s < lo as u64 || s > hi as u64 {
+                        return Err(invalid(format!(
+                            "bad --segment-size {s}: must be a power of two from {}k to {}M",
+                            lo >> 10,
+                            hi >> 20
+                        )));
+                    }
+                    s as u32
+                }
+            };
+            if cli.segment_size.is_some() && !cli.cache_format {
+                return Err(invalid(
+                    "--segment-size applies when formatting (--cache-format); a loaded set keeps its own".into(),
+                ));
+            }
+            TargetSpec::Cached(Box::new(crate::cached::CachedSpec {
+                cache_path,
+                backing_path: cli.backing.ok_or_else(|| invalid("--cache needs --backing FILE".into()))?,
+                backing_delay_us: cli.backing_delay_us,
+                format: cli.cache_format,
+                segment_size,
+                mode: cli.cache_mode.unwrap_or(CacheMode::WriteBack),
+                block_size: block_size.unwrap_or(4096),
+            }))
+        }
+        _ => {
+            return Err(invalid(
+                "a target is required: --null SIZE, --malloc SIZE, --uring FILE or --cache FILE --backing FILE".into(),
+            ))
+        }
     };
     if let TargetSpec::Null { size, block_size } | TargetSpec::Malloc { size, block_size } = &target {
         if size % *block_size as u64 != 0 {

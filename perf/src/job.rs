@@ -459,7 +459,7 @@ pub struct JobOutcome {
 pub fn check_geometry(cfg: &JobConfig, bdev: &dyn Bdev, reactors: usize) -> Result<u64, String> {
     let info = bdev.info();
     let bs = info.block_size as u64;
-    if bs == 0 || cfg.io_size % bs != 0 {
+    if bs == 0 || !cfg.io_size.is_multiple_of(bs) {
         return Err(format!("io size {} is not a multiple of the target's block size {bs}", cfg.io_size));
     }
     if cfg.io_size > info.max_io_bytes {

@@ -7,6 +7,7 @@
 //!
 //! The binary is a thin wrapper over [`run_cli`], so tests run the real command in-process.
 
+pub mod cached;
 pub mod config;
 pub mod idle;
 pub mod job;
@@ -56,6 +57,9 @@ pub fn start_reactors(
 /// Run a parsed job end to end: create the target, start reactors, run, build the report.
 /// Progress lines (if enabled) go to `out`.
 pub fn run(opts: &RunOptions, out: &mut dyn Write, stop: Arc<AtomicBool>) -> Result<Report, String> {
+    if let TargetSpec::Cached(spec) = &opts.target {
+        return run_cached(opts, spec, out, stop);
+    }
     let (bdev, target) = target::create(&opts.target)?;
     let cores: Vec<Option<usize>> = opts.cores.iter().map(|&c| Some(c)).collect();
     let config = report::ConfigEcho::new(&opts.job, &cores, opts.busy_poll);
@@ -71,6 +75,61 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write, stop: Arc<AtomicBool>) -> Res
     set.stop();
     bdev.shutdown();
     Ok(report::build(outcome?, config, target, opts.histogram))
+}
+
+/// [`run`] for a `--cache` target: the reactors start first (the cache set is formatted or
+/// loaded on them), the job runs on the cached bdev, then a FLUSH makes the run's writes
+/// durable (so a later run can load the set) and the cache counters go into the report.
+fn run_cached(
+    opts: &RunOptions,
+    spec: &cached::CachedSpec,
+    out: &mut dyn Write,
+    stop: Arc<AtomicBool>,
+) -> Result<Report, String> {
+    let cores: Vec<Option<usize>> = opts.cores.iter().map(|&c| Some(c)).collect();
+    let config = report::ConfigEcho::new(&opts.job, &cores, opts.busy_poll);
+    let set = start_reactors(&cores, opts.busy_poll, opts.idle_threshold, opts.job.queue_depth)?;
+    let mut tgt = match cached::CachedTarget::open(spec, &set, opts.job.seed) {
+        Ok(t) => t,
+        Err(e) => {
+            set.stop();
+            return Err(e);
+        }
+    };
+    let files = tgt.files();
+    let bdev: Arc<dyn tiercache_engine::bdev::Bdev> = tgt.bdev.clone();
+    let target = target::echo(bdev.as_ref(), "cache", Some(spec.cache_path.display().to_string()));
+    let result = (|| {
+        job::check_geometry(&opts.job, bdev.as_ref(), cores.len())?;
+        if !opts.json {
+            let _ = write!(out, "{}", report::header(&config, &target, opts.seed_given));
+            let _ = out.flush();
+        }
+        let progress: Option<&mut dyn Write> = if opts.progress { Some(out) } else { None };
+        tgt.job_started();
+        let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
+        tgt.job_ended();
+        outcome
+    })();
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => {
+            tgt.set.stop_migration();
+            drop(tgt);
+            set.stop();
+            cached::CachedTarget::close_files(&files);
+            return Err(e);
+        }
+    };
+    let read_blocks: u64 =
+        outcome.reactors.iter().map(|r| r.counts.reads).sum::<u64>() * opts.job.io_size / bdev.info().block_size as u64;
+    let mut report = report::build(outcome, config, target, opts.histogram);
+    let cache = tgt.finish(&set, read_blocks);
+    drop(bdev);
+    set.stop();
+    cached::CachedTarget::close_files(&files);
+    report.cache = Some(cache?);
+    Ok(report)
 }
 
 /// The whole command: parse, run, print. Returns the process exit code (0 ok, 1 I/O

@@ -67,7 +67,7 @@ pub fn block_crc(block: &[u8]) -> u32 {
 
 /// Fill one block with its expected contents.
 pub fn fill_block(block: &mut [u8], lba: u64, seed: u64, seq: u64) {
-    debug_assert!(block.len() >= HEADER_LEN && block.len() % 8 == 0);
+    debug_assert!(block.len() >= HEADER_LEN && block.len().is_multiple_of(8));
     block[0..8].copy_from_slice(&MAGIC.to_le_bytes());
     block[8..16].copy_from_slice(&lba.to_le_bytes());
     block[16..24].copy_from_slice(&seed.to_le_bytes());

@@ -165,6 +165,8 @@ pub struct Report {
     pub verify: Option<VerifyStats>,
     pub io_errors: Vec<IoError>,
     pub histogram: Option<Vec<Bucket>>,
+    /// Cache counters and index RAM of a `--cache` target (null for the other targets).
+    pub cache: Option<crate::cached::CacheReport>,
     /// No I/O errors and no verify mismatches.
     pub ok: bool,
 }
@@ -291,6 +293,7 @@ pub fn build(outcome: JobOutcome, config: ConfigEcho, target: TargetEcho, want_h
         verify,
         io_errors,
         histogram: want_histogram.then(|| buckets(&hist)),
+        cache: None,
         ok,
     }
 }
@@ -402,6 +405,36 @@ pub fn render_text(r: &Report) -> String {
         if v.details_truncated {
             let _ = writeln!(s, "(only the first {} mismatches per core are listed)", MAX_MISMATCH_DETAILS);
         }
+    }
+    if let Some(c) = &r.cache {
+        let k = &c.counters;
+        let _ = writeln!(
+            s,
+            "cache ({}, {} by {} in {:.3} s, {} segments of {} KiB): read hits {} / misses {} blocks{}, {} segments written{}, {} writeback blocks, {} cache-device block reads",
+            c.mode,
+            c.cache_file,
+            c.opened_by,
+            c.setup_s,
+            c.nr_segments,
+            c.segment_size / 1024,
+            k.read_hit_blocks,
+            k.read_miss_blocks,
+            k.hit_pct.map(|p| format!(" ({p:.2}% hits)")).unwrap_or_default(),
+            k.segments_written,
+            k.blocks_per_segment_write.map(|b| format!(" ({b:.1} blocks each)")).unwrap_or_default(),
+            k.writeback_blocks,
+            k.cache_dev_read_blocks,
+        );
+        let _ = writeln!(
+            s,
+            "cache after the final flush ({:.2} ms): {} free segments, {} dirty blocks, writeback_seq {}; index RAM {:.2} B per slot ({:.2} B per cached 4 KiB)",
+            c.final_flush_ms,
+            c.free_segments,
+            c.dirty_blocks,
+            c.writeback_seq,
+            c.index_ram.bytes_per_slot,
+            c.index_ram.bytes_per_cached_4k
+        );
     }
     if let Some(b) = &r.histogram {
         let _ = writeln!(s, "\nlatency histogram (all cores): {:>12} {:>12} {:>10}", "<= us", "count", "cum %");

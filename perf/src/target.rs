@@ -29,15 +29,23 @@ pub fn create(spec: &TargetSpec) -> Result<(Arc<dyn Bdev>, TargetEcho), String> 
                 .map_err(|e| format!("cannot open {} as a uring bdev: {e}", path.display()))?;
             (b, "uring", Some(path.display().to_string()))
         }
+        TargetSpec::Cached(_) => {
+            return Err("internal: a cached target is opened on the reactors (crate::cached)".into());
+        }
     };
+    let echo = echo(bdev.as_ref(), kind, path);
+    Ok((bdev, echo))
+}
+
+/// How the report names a target.
+pub fn echo(bdev: &dyn Bdev, kind: &str, path: Option<String>) -> TargetEcho {
     let info = bdev.info();
-    let echo = TargetEcho {
+    TargetEcho {
         kind: kind.into(),
         name: info.name.clone(),
         path,
         block_size: info.block_size,
         num_blocks: info.num_blocks,
         size_bytes: info.size_bytes(),
-    };
-    Ok((bdev, echo))
+    }
 }

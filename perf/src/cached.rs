@@ -1,0 +1,451 @@
+//! The cached target (`--cache FILE --backing FILE`): a uring bdev on each file, the
+//! backing one optionally behind a delay bdev (an HDD stand-in), a cache set formatted on
+//! (or loaded from) the cache file, the backing device attached, and the run on the
+//! resulting cached bdev.
+//!
+//! Cache counters come from the device boundary: both devices are wrapped in a
+//! [`CountingBdev`] that counts what the engine submits to them (per channel, written by
+//! its reactor only). Hits and misses follow from the reads the generator issued and the
+//! reads that reached the backing device (writeback never reads the backing device);
+//! writeback blocks are the blocks written to the backing device; segments written are the
+//! cache device writes in the log area (superblock updates sit below it).
+
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tiercache_bdevs::delay::{DelayBdev, DelayLatencies};
+use tiercache_bdevs::uring::UringBdev;
+use tiercache_engine::bdev::{Bdev, BdevChannel, BdevDesc, BdevInfo, IoFuture, IoRequest, IoType};
+use tiercache_engine::cache::index::SegmentId;
+use tiercache_engine::cache::{self, CacheMode, CacheOptions, CacheSet, CachedBdev};
+use tiercache_engine::reactor::ReactorSet;
+use tiercache_engine::Errno;
+
+/// What `--cache` asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedSpec {
+    pub cache_path: PathBuf,
+    pub backing_path: PathBuf,
+    /// (avg, p99) microseconds injected on every backing I/O.
+    pub backing_delay_us: Option<(u64, u64)>,
+    /// Format the cache file (destroys its contents) instead of loading it.
+    pub format: bool,
+    pub segment_size: u32,
+    pub mode: CacheMode,
+    /// Cache block size (the cached bdev's block size).
+    pub block_size: u32,
+}
+
+/// I/O counts of one device (or one channel of it).
+#[derive(Copy, Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct DevCounts {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Writes that start at or above `log_start` (segment writes on a cache device).
+    pub log_writes: u64,
+    pub flushes: u64,
+    /// Unmap and write-zeroes requests.
+    pub zeroes: u64,
+    pub zero_bytes: u64,
+}
+
+impl DevCounts {
+    fn minus(&self, b: &DevCounts) -> DevCounts {
+        DevCounts {
+            reads: self.reads - b.reads,
+            read_bytes: self.read_bytes - b.read_bytes,
+            writes: self.writes - b.writes,
+            write_bytes: self.write_bytes - b.write_bytes,
+            log_writes: self.log_writes - b.log_writes,
+            flushes: self.flushes - b.flushes,
+            zeroes: self.zeroes - b.zeroes,
+            zero_bytes: self.zero_bytes - b.zero_bytes,
+        }
+    }
+}
+
+/// One channel's counters: written only by the reactor that owns the channel (plain
+/// load + store, no locked instruction), read by the main thread after the run.
+#[repr(align(128))]
+#[derive(Default)]
+struct ChanCounts([AtomicU64; 8]);
+
+impl ChanCounts {
+    #[inline]
+    fn bump(&self, i: usize, by: u64) {
+        let c = &self.0[i];
+        c.store(c.load(Ordering::Relaxed) + by, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> DevCounts {
+        let v: Vec<u64> = self.0.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        DevCounts {
+            reads: v[0],
+            read_bytes: v[1],
+            writes: v[2],
+            write_bytes: v[3],
+            log_writes: v[4],
+            flushes: v[5],
+            zeroes: v[6],
+            zero_bytes: v[7],
+        }
+    }
+}
+
+/// A pass-through bdev that counts the requests submitted to `inner`. The inner future is
+/// returned as is (no boxing, no extra allocation).
+pub struct CountingBdev {
+    inner: Arc<dyn Bdev>,
+    /// Byte offset from which a write counts as a log (segment) write (shared with the
+    /// channels: the cache set opens its channel before the geometry is known here).
+    log_start: Arc<AtomicU64>,
+    channels: Mutex<Vec<Arc<ChanCounts>>>,
+}
+
+impl CountingBdev {
+    pub fn new(inner: Arc<dyn Bdev>) -> Arc<CountingBdev> {
+        Arc::new(CountingBdev {
+            inner,
+            log_start: Arc::new(AtomicU64::new(u64::MAX)),
+            channels: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn set_log_start(&self, offset: u64) {
+        self.log_start.store(offset, Ordering::Relaxed);
+    }
+
+    /// Sum over every channel ever opened.
+    pub fn counts(&self) -> DevCounts {
+        let chans = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        chans.iter().map(|c| c.get()).fold(DevCounts::default(), |a, b| DevCounts {
+            reads: a.reads + b.reads,
+            read_bytes: a.read_bytes + b.read_bytes,
+            writes: a.writes + b.writes,
+            write_bytes: a.write_bytes + b.write_bytes,
+            log_writes: a.log_writes + b.log_writes,
+            flushes: a.flushes + b.flushes,
+            zeroes: a.zeroes + b.zeroes,
+            zero_bytes: a.zero_bytes + b.zero_bytes,
+        })
+    }
+
+    pub fn inner(&self) -> &Arc<dyn Bdev> {
+        &self.inner
+    }
+}
+
+struct CountingChannel {
+    inner: Box<dyn BdevChannel>,
+    counts: Arc<ChanCounts>,
+    log_start: Arc<AtomicU64>,
+}
+
+impl Bdev for CountingBdev {
+    fn info(&self) -> &BdevInfo {
+        self.inner.info()
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn BdevChannel>, Errno> {
+        let counts = Arc::new(ChanCounts::default());
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).push(counts.clone());
+        Ok(Box::new(CountingChannel { inner: self.inner.create_channel()?, counts, log_start: self.log_start.clone() }))
+    }
+
+    fn driver(&self) -> &'static str {
+        self.inner.driver()
+    }
+
+    fn driver_specific(&self) -> serde_json::Value {
+        self.inner.driver_specific()
+    }
+
+    fn base_bdevs(&self) -> Vec<String> {
+        vec![self.inner.info().name.clone()]
+    }
+
+    fn shutdown(&self) {
+        self.inner.shutdown()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl BdevChannel for CountingChannel {
+    fn submit(&self, io: IoRequest) -> IoFuture {
+        let c = &self.counts;
+        match io.io_type {
+            IoType::Read => {
+                c.bump(0, 1);
+                c.bump(1, io.len);
+            }
+            IoType::Write => {
+                c.bump(2, 1);
+                c.bump(3, io.len);
+                if io.offset >= self.log_start.load(Ordering::Relaxed) {
+                    c.bump(4, 1);
+                }
+            }
+            IoType::Flush => c.bump(5, 1),
+            IoType::Unmap | IoType::WriteZeroes => {
+                c.bump(6, 1);
+                c.bump(7, io.len);
+            }
+        }
+        self.inner.submit(io)
+    }
+}
+
+/// Index RAM, from `BlockIndex::memory_usage()`.
+#[derive(Clone, Debug, Serialize)]
+pub struct IndexRam {
+    pub slots: u64,
+    /// Bytes of the per-slot arrays (buckets, keys, chain links) — the engine's
+    /// `per_slot_bytes`, which is the total of those arrays, not a per-slot figure.
+    pub slot_arrays_bytes: u64,
+    /// Bytes of the segment table.
+    pub segment_table_bytes: u64,
+    pub bytes_per_slot: f64,
+    /// Per cached 4 KiB of data.
+    pub bytes_per_cached_4k: f64,
+}
+
+/// Counters of the run (deltas over the measured job; setup and the final FLUSH excluded).
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheCounters {
+    /// Blocks read by the generator that were served by the cache (RAM or cache device).
+    pub read_hit_blocks: u64,
+    /// Blocks read by the generator that went to the backing device.
+    pub read_miss_blocks: u64,
+    /// Percent of read blocks served by the cache (null without reads).
+    pub hit_pct: Option<f64>,
+    /// Log segments written to the cache device (one per seal).
+    pub segments_written: u64,
+    /// Average blocks per segment written (log fill at seal time).
+    pub blocks_per_segment_write: Option<f64>,
+    /// Blocks copied to the backing device by writeback (writes + write-zeroes).
+    pub writeback_blocks: u64,
+    /// Cache blocks read from the cache device (read hits not in RAM, plus writeback reads).
+    pub cache_dev_read_blocks: u64,
+    pub cache_dev: DevCounts,
+    pub backing_dev: DevCounts,
+}
+
+/// The `cache` section of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheReport {
+    pub cache_file: String,
+    pub backing_file: String,
+    pub mode: &'static str,
+    /// "format" or "load".
+    pub opened_by: &'static str,
+    /// Seconds to format (or load) the set and attach the backing device.
+    pub setup_s: f64,
+    pub backing_delay_us: Option<[u64; 2]>,
+    pub block_size: u32,
+    pub segment_size: u32,
+    pub nr_segments: u32,
+    pub counters: CacheCounters,
+    /// State after the final FLUSH.
+    pub free_segments: usize,
+    pub dirty_blocks: u64,
+    pub writeback_seq: u64,
+    /// The FLUSH issued after the job so the cache can be loaded later (not measured).
+    pub final_flush_ms: f64,
+    pub index_ram: IndexRam,
+}
+
+/// An open cached target.
+pub struct CachedTarget {
+    pub spec: CachedSpec,
+    pub bdev: Arc<CachedBdev>,
+    pub set: Arc<CacheSet>,
+    cache_dev: Arc<CountingBdev>,
+    backing_dev: Arc<CountingBdev>,
+    /// The uring bdevs, shut down at the end.
+    files: Vec<Arc<dyn Bdev>>,
+    setup: Duration,
+    start: Option<(DevCounts, DevCounts)>,
+    end: Option<(DevCounts, DevCounts)>,
+}
+
+/// Seed of the delay bdev's latency draws (derived from the run's seed).
+fn delay_seed(seed: u64) -> u64 {
+    crate::rng::mix(&[seed, 0xde1a7])
+}
+
+impl CachedTarget {
+    /// Open both files, stack the delay bdev, format or load the set on reactor 0 and attach
+    /// the backing device.
+    pub fn open(spec: &CachedSpec, reactors: &ReactorSet, seed: u64) -> Result<CachedTarget, String> {
+        let cache_file: Arc<dyn Bdev> = UringBdev::create("perf-cache0", &spec.cache_path, None)
+            .map_err(|e| format!("cannot open {} as a uring bdev: {e}", spec.cache_path.display()))?;
+        let backing_file: Arc<dyn Bdev> = UringBdev::create("perf-backing0", &spec.backing_path, None)
+            .map_err(|e| format!("cannot open {} as a uring bdev: {e}", spec.backing_path.display()))?;
+        let backing: Arc<dyn Bdev> = match spec.backing_delay_us {
+            Some((avg, p99)) => {
+                let l = DelayLatencies { avg_read_us: avg, p99_read_us: p99, avg_write_us: avg, p99_write_us: p99 };
+                DelayBdev::create(BdevDesc::new(backing_file.clone()), "perf-backing-delay0", l, delay_seed(seed))
+                    .map_err(|e| format!("cannot create the delay bdev over {}: {e}", spec.backing_path.display()))?
+            }
+            None => backing_file.clone(),
+        };
+        let cache_dev = CountingBdev::new(cache_file.clone());
+        let backing_dev = CountingBdev::new(backing);
+        let opts = CacheOptions { segment_size: spec.segment_size, block_size: spec.block_size, ..Default::default() };
+        let (format, mode) = (spec.format, spec.mode);
+        let rs = reactors.clone();
+        let (cdesc, bdesc) = (BdevDesc::new(cache_dev.clone()), BdevDesc::new(backing_dev.clone()));
+        let cache_name = spec.cache_path.display().to_string();
+        let t0 = Instant::now();
+        let built = reactors
+            .block_on(0, move || async move {
+                let set = if format {
+                    cache::format("perf-cacheset0", cdesc, rs, opts).await
+                } else {
+                    cache::load("perf-cacheset0", cdesc, rs, opts).await
+                };
+                let set = set.map_err(|e| {
+                    if format {
+                        format!("cannot format {cache_name} as a cache set: {e}")
+                    } else {
+                        format!("cannot load the cache set on {cache_name}: {e} (use --cache-format to create one)")
+                    }
+                })?;
+                match set.attach(bdesc, mode).await {
+                    Ok(b) => Ok((set, b)),
+                    Err(e) => {
+                        set.stop_migration();
+                        Err(format!("cannot attach the backing device: {e}"))
+                    }
+                }
+            })
+            .map_err(|_| "reactor 0 stopped while the cache set was being opened".to_string())?;
+        let (set, backing) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                cache_file.shutdown();
+                backing_file.shutdown();
+                return Err(e);
+            }
+        };
+        let setup = t0.elapsed();
+        // Channels opened from now on count writes at or above segment 0 as log writes
+        // (the cache set opens its per-reactor log channels on first I/O).
+        cache_dev.set_log_start(set.geometry().segment_offset(SegmentId(0)));
+        let bdev = CachedBdev::new("perf-cached0", set.clone(), backing);
+        Ok(CachedTarget {
+            spec: spec.clone(),
+            bdev,
+            set,
+            cache_dev,
+            backing_dev,
+            files: vec![cache_file, backing_file],
+            setup,
+            start: None,
+            end: None,
+        })
+    }
+
+    /// Mark the start of the measured job.
+    pub fn job_started(&mut self) {
+        self.start = Some((self.cache_dev.counts(), self.backing_dev.counts()));
+    }
+
+    /// Mark the end of the measured job.
+    pub fn job_ended(&mut self) {
+        self.end = Some((self.cache_dev.counts(), self.backing_dev.counts()));
+    }
+
+    /// FLUSH the cached bdev (so the set can be loaded by a later run), stop writeback, and
+    /// build the report section. `read_blocks` is what the generator read, in cache blocks.
+    pub fn finish(self, reactors: &ReactorSet, read_blocks: u64) -> Result<CacheReport, String> {
+        let desc = BdevDesc::new(self.bdev.clone());
+        let t0 = Instant::now();
+        let flushed = reactors
+            .block_on(0, move || async move {
+                let r = match desc.channel() {
+                    Ok(ch) => ch.flush().await.status,
+                    Err(e) => Err(e),
+                };
+                desc.close_channel();
+                r
+            })
+            .map_err(|_| "reactor 0 stopped before the final flush".to_string())?;
+        let final_flush = t0.elapsed();
+        self.set.stop_migration();
+        flushed.map_err(|e| format!("final flush of the cached bdev failed: {e}"))?;
+        let zero = (DevCounts::default(), DevCounts::default());
+        let (c0, b0) = self.start.unwrap_or(zero);
+        let (c1, b1) = self.end.unwrap_or_else(|| (self.cache_dev.counts(), self.backing_dev.counts()));
+        let (cache_dev, backing_dev) = (c1.minus(&c0), b1.minus(&b0));
+        let bs = self.set.block_size() as u64;
+        let miss = (backing_dev.read_bytes / bs).min(read_blocks);
+        let wb_blocks = (backing_dev.write_bytes + backing_dev.zero_bytes) / bs;
+        let seg_blocks =
+            cache_dev.write_bytes.saturating_sub(cache_dev.log_writes * self.set.geometry().header_bytes() as u64) / bs;
+        let counters = CacheCounters {
+            read_hit_blocks: read_blocks - miss,
+            read_miss_blocks: miss,
+            hit_pct: (read_blocks > 0).then(|| round3((read_blocks - miss) as f64 / read_blocks as f64 * 100.0)),
+            segments_written: cache_dev.log_writes,
+            blocks_per_segment_write: (cache_dev.log_writes > 0)
+                .then(|| round3(seg_blocks as f64 / cache_dev.log_writes as f64)),
+            writeback_blocks: wb_blocks,
+            cache_dev_read_blocks: cache_dev.read_bytes / bs,
+            cache_dev,
+            backing_dev,
+        };
+        let mu = self.set.index().memory_usage();
+        let total = mu.per_slot_bytes + mu.per_segment_bytes;
+        let slots = mu.slots.max(1);
+        let index_ram = IndexRam {
+            slots: mu.slots,
+            slot_arrays_bytes: mu.per_slot_bytes,
+            segment_table_bytes: mu.per_segment_bytes,
+            bytes_per_slot: round3(total as f64 / slots as f64),
+            bytes_per_cached_4k: round3(total as f64 / slots as f64 * 4096.0 / bs as f64),
+        };
+        Ok(CacheReport {
+            cache_file: self.spec.cache_path.display().to_string(),
+            backing_file: self.spec.backing_path.display().to_string(),
+            mode: cache::mode_name(self.spec.mode),
+            opened_by: if self.spec.format { "format" } else { "load" },
+            setup_s: round3(self.setup.as_secs_f64()),
+            backing_delay_us: self.spec.backing_delay_us.map(|(a, p)| [a, p]),
+            block_size: self.set.block_size(),
+            segment_size: self.set.geometry().segment_size(),
+            nr_segments: self.set.nr_segments(),
+            counters,
+            free_segments: self.set.free_segments(),
+            dirty_blocks: self.set.dirty_blocks(),
+            writeback_seq: self.set.superblock().writeback_seq,
+            final_flush_ms: round3(final_flush.as_secs_f64() * 1000.0),
+            index_ram,
+        })
+    }
+
+    /// Close the files (after the reactors stopped).
+    pub fn close_files(files: &[Arc<dyn Bdev>]) {
+        for f in files {
+            f.shutdown();
+        }
+    }
+
+    /// The uring bdevs under the set, for [`CachedTarget::close_files`].
+    pub fn files(&self) -> Vec<Arc<dyn Bdev>> {
+        self.files.clone()
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

@@ -159,6 +159,7 @@ fn fio_nbd_engine_random_writes_verify_with_several_jobs() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--group_reporting",
             "--output-format=json",
         ]));

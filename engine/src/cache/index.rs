@@ -271,7 +271,12 @@ impl Participant {
     pub fn quiescent(&mut self) {
         let e = self.qsbr.epoch.load(SeqCst);
         debug_assert!(self.is_online(), "quiescent() while offline");
-        self.st.local.store(e, SeqCst);
+        // Announcing the same epoch again changes nothing: skip the (fenced) store. The
+        // reactor calls this every poll-loop iteration; the epoch moves once per grace
+        // period.
+        if self.st.local.load(Relaxed) != e {
+            self.st.local.store(e, SeqCst);
+        }
     }
 
     /// Marks the thread idle (e.g. before sleeping): grace periods stop

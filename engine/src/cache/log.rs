@@ -24,6 +24,9 @@ use crate::errno::Errno;
 use crate::reactor::sync::{Event, Watermark};
 use crate::reactor::{self, PollStatus, Poller, PollerId};
 
+/// Sealed segments of one reactor whose write may be in flight at once.
+const MAX_SEGMENTS_IN_FLIGHT: usize = 16;
+
 struct OpenBuf {
     seg: OpenSegment,
     /// Laid out exactly as the segment on disk: header blocks, then slots.
@@ -128,6 +131,12 @@ impl ReactorLog {
 
     /// Open a segment for this reactor, waiting (bounded) for a free one.
     async fn open_new(self: &Rc<Self>) -> Result<(), Errno> {
+        // Bound the RAM held by sealed segments still being written: a writer faster than
+        // the cache device waits here (backpressure) instead of piling up buffers.
+        while self.writing.borrow().len() >= MAX_SEGMENTS_IN_FLIGHT {
+            let next = self.written.get() + 1;
+            self.written.wait_for(next).await;
+        }
         let started = Instant::now();
         let limit = self.set.options().space_wait_limit;
         let mut backoff = std::time::Duration::from_micros(50);

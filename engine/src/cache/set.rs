@@ -286,6 +286,10 @@ pub struct CacheSet {
     /// Backing-device ranges being written by writeback or directly (writethrough,
     /// writearound, bypass): the two never overlap (seed 003).
     pub(crate) io_ranges: Mutex<Vec<IoRange>>,
+    /// Durability rounds (FLUSH group commit): one at a time, numbered.
+    pub(crate) durable_round: futures::lock::Mutex<()>,
+    pub(crate) rounds_started: AtomicU64,
+    pub(crate) rounds_done: AtomicU64,
     /// The per-I/O policy knobs as atomics (read on every I/O without a lock).
     pub(crate) knobs: Knobs,
     pub(crate) migration_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -334,6 +338,9 @@ impl CacheSet {
             cache_errors: Default::default(),
             misses: Default::default(),
             io_ranges: Mutex::new(Vec::new()),
+            durable_round: futures::lock::Mutex::new(()),
+            rounds_started: AtomicU64::new(0),
+            rounds_done: AtomicU64::new(0),
             knobs,
             migration_thread: Mutex::new(None),
             drain_requested: AtomicBool::new(false),
@@ -442,6 +449,15 @@ impl CacheSet {
     /// cache device is flushed. This is FLUSH for the cached bdevs, and the step writeback
     /// takes before it declares superseded versions dead. Runs on a reactor.
     pub(crate) async fn make_durable(self: &Arc<Self>) -> Result<(), Errno> {
+        // Group commit: rounds run one at a time; a caller that waited while a round ran
+        // is covered by the next one to *start* after it arrived — if some other waiter
+        // already ran it, there is nothing left to do.
+        let arrival = self.rounds_started.load(Ordering::Acquire);
+        let _turn = self.durable_round.lock().await;
+        if self.rounds_done.load(Ordering::Acquire) > arrival {
+            return Ok(());
+        }
+        let round = self.rounds_started.fetch_add(1, Ordering::AcqRel) + 1;
         let rounds = (0..self.reactors.len()).map(|r| {
             let s = self.clone();
             self.reactors.run_on(r, move || async move {
@@ -462,7 +478,9 @@ impl CacheSet {
             return Err(Errno::EIO);
         }
         let ch = self.cache.channel()?;
-        ch.flush().await.status
+        ch.flush().await.status?;
+        self.rounds_done.fetch_max(round, Ordering::AcqRel);
+        Ok(())
     }
 
     pub(crate) fn existing_local(&self) -> Option<Rc<super::log::ReactorLog>> {
@@ -556,15 +574,23 @@ pub async fn load(
     let hdr = geom.header_bytes();
     let bs = geom.block_size() as usize;
 
-    // 1. Every segment header; keep the plausible ones above the replay horizon.
+    // 1. Every segment header (32 reads in flight); keep the plausible ones above the
+    //    replay horizon.
+    use futures::StreamExt;
     let mut candidates: Vec<(u64, SegmentId, u32)> = Vec::new();
-    for k in 0..set.nr_segments() {
-        let seg = SegmentId(k);
-        let h = read_exact(&ch, geom.segment_offset(seg), hdr).await?;
-        match ondisk::decode_segment_header(&geom, set.uuid, seg, &h) {
-            Ok(s) if s.header.seq > horizon => candidates.push((s.header.seq, seg, s.header.nr_records)),
-            Ok(_) => {}
-            Err(_) => {}
+    let header_reads = futures::stream::iter(0..set.nr_segments())
+        .map(|k| {
+            let ch = ch.clone();
+            async move { (SegmentId(k), read_exact(&ch, geom.segment_offset(SegmentId(k)), hdr).await) }
+        })
+        .buffer_unordered(32);
+    futures::pin_mut!(header_reads);
+    while let Some((seg, h)) = header_reads.next().await {
+        let h = h?;
+        if let Ok(s) = ondisk::decode_segment_header(&geom, set.uuid, seg, &h) {
+            if s.header.seq > horizon {
+                candidates.push((s.header.seq, seg, s.header.nr_records));
+            }
         }
     }
     candidates.sort_unstable();
@@ -574,9 +600,19 @@ pub async fn load(
     let mut replayed = 0u64;
     let mut skipped = 0u64;
     let mut records = 0u64;
-    for (seq, seg, n) in candidates {
-        let len = hdr + n as usize * bs;
-        let whole = read_exact(&ch, geom.segment_offset(seg), len).await?;
+    // Whole segments are read 8 at a time ahead of the replay, which stays in seq order.
+    let segment_reads = futures::stream::iter(candidates)
+        .map(|(seq, seg, n)| {
+            let ch = ch.clone();
+            async move {
+                let len = hdr + n as usize * bs;
+                (seq, seg, read_exact(&ch, geom.segment_offset(seg), len).await)
+            }
+        })
+        .buffered(8);
+    futures::pin_mut!(segment_reads);
+    while let Some((seq, seg, whole)) = segment_reads.next().await {
+        let whole = whole?;
         let valid = match ondisk::verify_segment(&geom, set.uuid, seg, &whole[..hdr], &whole[hdr..]) {
             Ok(v) => v,
             Err(e) => {

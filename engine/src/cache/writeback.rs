@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::StreamExt;
 
 use super::index::{DirtySlot, Reclaimer, SegmentId, Seq};
 use super::set::{CacheSet, IoRange};
@@ -145,7 +146,9 @@ fn migration_main(set: Arc<CacheSet>) {
 }
 
 /// Segments written back per durability round.
-const BATCH_SEGMENTS: usize = 8;
+const BATCH_SEGMENTS: usize = 4;
+/// Writeback runs in flight at once.
+const WRITEBACK_WINDOW: usize = 64;
 
 /// Write back and reclaim a batch of the oldest sealed segments. Ok(true): progress;
 /// Ok(false): nothing to do now.
@@ -291,32 +294,33 @@ pub(crate) async fn write_back_blocks(
     }
     let mut touched = Vec::new();
     let mut written = Vec::new();
-    for chunk in runs.chunks(16) {
-        let futs = chunk.iter().map(|run| {
-            let cache_ch = cache_ch.clone();
-            async move {
-                let first = run[0];
-                let backing = set.backing(first.key.backing()).ok_or(Errno::ENODEV)?;
-                let range = IoRange {
-                    backing: backing.idx.0,
-                    start: first.key.lba().0,
-                    end: first.key.lba().0 + run.len() as u64,
-                    writeback: true,
-                };
-                if !set.claim_writeback(range) {
-                    return Ok(None); // a direct write owns these blocks right now
-                }
-                let res = write_run(set, &cache_ch, &backing, run).await;
-                set.release_range(range);
-                res.map(|w| Some((backing.idx.0, w)))
+    // A sliding window of runs in flight: a slow write (an HDD-like device) holds back one
+    // slot of the window, not a whole batch.
+    let futs = runs.iter().map(|run| {
+        let cache_ch = cache_ch.clone();
+        async move {
+            let first = run[0];
+            let backing = set.backing(first.key.backing()).ok_or(Errno::ENODEV)?;
+            let range = IoRange {
+                backing: backing.idx.0,
+                start: first.key.lba().0,
+                end: first.key.lba().0 + run.len() as u64,
+                writeback: true,
+            };
+            if !set.claim_writeback(range) {
+                return Ok(None); // a direct write owns these blocks right now
             }
-        });
-        for r in join_all(futs).await {
-            if let Some((idx, w)) = r? {
-                written.extend(w);
-                if !touched.contains(&idx) {
-                    touched.push(idx);
-                }
+            let res = write_run(set, &cache_ch, &backing, run).await;
+            set.release_range(range);
+            res.map(|w| Some((backing.idx.0, w)))
+        }
+    });
+    let mut window = futures::stream::iter(futs).buffer_unordered(WRITEBACK_WINDOW);
+    while let Some(r) = window.next().await {
+        if let Some((idx, w)) = r? {
+            written.extend(w);
+            if !touched.contains(&idx) {
+                touched.push(idx);
             }
         }
     }

@@ -231,7 +231,49 @@ fn backing_errors_stop_only_that_device() {
         assert_eq!(r.read(1, 0, lba).unwrap(), block(lba, 3));
     }
     assert_eq!(r.state(1), BackingState::Running);
+    r.flush(1).unwrap();
+
+    // Restart with the failed device repaired: both re-attach (in the other order) and the
+    // log replays — volume 1's cached data and volume 0's older cached data come back.
+    let cache_img = r.cache.current_image();
+    let imgs: Vec<Vec<u8>> = r.backings.iter().map(|b| b.current_image()).collect();
     r.shutdown();
+    let rs = ReactorSet::start(ReactorConfig::unpinned(2)).unwrap();
+    let rs2 = rs.clone();
+    let vols = rs
+        .block_on(0, move || async move {
+            let set = cache::load("again", BdevDesc::new(SimDisk::from_image("c", 512, cache_img)), rs2, opts())
+                .await
+                .unwrap();
+            let b1 = set
+                .attach(BdevDesc::new(SimDisk::from_image("b1", 512, imgs[1].clone())), CacheMode::WriteThrough)
+                .await
+                .unwrap();
+            let b0 = set
+                .attach(BdevDesc::new(SimDisk::from_image("b0", 512, imgs[0].clone())), CacheMode::WriteThrough)
+                .await
+                .unwrap();
+            (CachedBdev::new("v0", set.clone(), b0), CachedBdev::new("v1", set, b1))
+        })
+        .unwrap();
+    let (d0, d1) = (BdevDesc::new(vols.0.clone()), BdevDesc::new(vols.1.clone()));
+    for lba in 0..40u64 {
+        let (a, b) = (d0.clone(), d1.clone());
+        let (got0, got1) = rs
+            .block_on(1, move || async move {
+                let r0 = a.channel().unwrap().read(lba * BS as u64, IoBuf::new(BS)).await;
+                let r1 = b.channel().unwrap().read(lba * BS as u64, IoBuf::new(BS)).await;
+                (r0.buf.unwrap().to_vec(), r1.buf.unwrap().to_vec())
+            })
+            .unwrap();
+        assert_eq!(got1, block(lba, 3), "volume 1 lba {lba} after restart");
+        if lba < 20 {
+            assert_eq!(got0, block(lba, 1), "volume 0 lba {lba}: its pre-failure data after restart");
+        }
+    }
+    vols.0.cache_set().stop_migration();
+    drop((vols, d0, d1));
+    rs.stop();
 }
 
 /// Seed 000 test 5: a backing device that vanishes (ENODEV) stops its cached bdev after
@@ -281,10 +323,39 @@ fn failed_set_retires_completely_and_dead_devices_can_be_removed() {
     for lba in 0..300 {
         r.write(0, (lba % 2) as usize, lba, 1).unwrap();
     }
+    // Under load: writers on both reactors keep going while the cache device fails and
+    // writeback runs; every one of their I/Os must complete (success or EIO), none hangs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..2usize)
+        .map(|w| {
+            let (d, rs, stop) = (r.vols[0].1.clone(), r.rs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let d = d.clone();
+                    let lba = (n * 7 + w as u64) % 300;
+                    let _ = rs.block_on(w, move || async move {
+                        d.channel()
+                            .unwrap()
+                            .write(lba * BS as u64, IoBuf::from_slice(&block(lba, 2)), false)
+                            .await
+                            .status
+                    });
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    r.set.request_drain();
+    std::thread::sleep(Duration::from_millis(30));
     r.cache.set_fail_all(Some(Errno::EIO));
-    let _ = r.write(0, 0, 1, 2);
     let _ = r.flush(0);
     r.wait_state(0, BackingState::Stopped, Duration::from_secs(10));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        assert!(l.join().unwrap() > 0);
+    }
     r.set.stop_migration();
     let name = r.set.name.clone();
     let weak = Arc::downgrade(&r.set);

@@ -1,7 +1,7 @@
 //! Cache methods (modelled on SPDK's `bdev_ocf_*`): create / load / delete cached bdevs,
 //! stats, cache mode, options and sequential cut-off, flush (drain of dirty data) and
-//! detach with progress, re-attach. What the engine has no knob for (writeback percent and
-//! rates, the seq-cutoff promotion count) answers `-EOPNOTSUPP`.
+//! detach with progress, re-attach. What the engine has no knob for (the seq-cutoff
+//! promotion count) answers `-EOPNOTSUPP`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tiercache_engine::bdev::IoStats;
 use tiercache_engine::cache::index::SegmentId;
 use tiercache_engine::cache::ondisk::{BackingHeaderOnDisk, FormatError, DEFAULT_DATA_OFFSET};
+use tiercache_engine::cache::rate::Decision;
 use tiercache_engine::cache::set::{Backing, SetCounters};
 use tiercache_engine::cache::{
     self, mode_name, BackingState, CacheError, CacheMode, CacheOptions, CacheSet, CachedBdev, SeqCutoffPolicy,
@@ -61,6 +62,7 @@ pub fn register(t: &Arc<Target>) -> Result<(), RpcError> {
                 e.counters_base = Some(counters(&set));
             }
         }
+        set.reset_latency().await;
         Ok(true)
     })?;
     reg(t, "bdev_cache_set_cache_mode", |t, p: BdevCacheSetCacheModeParams| async move {
@@ -546,6 +548,7 @@ async fn get_stats(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
     }
     let own_dirty = set.dirty_blocks_of(backing.idx);
     let bs = u64::from(set.block_size());
+    let latency = set.latency().await.summary();
     let mut members = Vec::new();
     if let Some(e) = lock(&t.caches).get(&key) {
         for m in &e.members {
@@ -577,8 +580,14 @@ async fn get_stats(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
             "failed": set.is_failed(),
             "members": members,
             "options": options_json(&set.options()),
+            "writeback_rate": match set.writeback_rate() {
+                Decision::Idle => json!("idle"),
+                Decision::Unlimited => json!("unlimited"),
+                Decision::Rate(r) => json!(r as u64),
+            },
         },
         "counters": Value::Object(ctr),
+        "latency_us": latency,
         "io": iostat_json(name, &io),
     }))
 }
@@ -653,6 +662,9 @@ fn options_json(o: &CacheOptions) -> Value {
         "seq_cutoff_policy": policy_name(o.seq_cutoff_policy),
         "seq_cutoff_threshold_kib": o.seq_cutoff_bytes / 1024,
         "writeback_free_low_percent": o.writeback_free_low_percent,
+        "writeback_percent": o.writeback_percent,
+        "writeback_rate_min": o.writeback_rate_min,
+        "writeback_rate_max": o.writeback_rate_max,
         "space_wait_limit_ms": o.space_wait_limit.as_millis() as u64,
     })
 }
@@ -682,6 +694,15 @@ pub fn options_config(name: &str, o: &CacheOptions) -> Vec<ConfigEntry> {
     if o.promote_after != d.promote_after {
         p.insert("promote_after_hits".into(), json!(o.promote_after));
     }
+    if o.writeback_percent != d.writeback_percent {
+        p.insert("writeback_percent".into(), json!(o.writeback_percent));
+    }
+    if o.writeback_rate_min != d.writeback_rate_min {
+        p.insert("writeback_rate_min".into(), json!(o.writeback_rate_min));
+    }
+    if o.writeback_rate_max != d.writeback_rate_max {
+        p.insert("writeback_rate_max".into(), json!(o.writeback_rate_max));
+    }
     if !p.is_empty() {
         p.insert("name".into(), json!(name));
         out.push(ConfigEntry { method: "bdev_cache_set_options".into(), params: Some(Value::Object(p)) });
@@ -702,22 +723,6 @@ pub fn options_config(name: &str, o: &CacheOptions) -> Vec<ConfigEntry> {
 
 fn set_options(t: &Arc<Target>, p: BdevCacheSetOptionsParams) -> Result<bool, RpcError> {
     let (_, set) = t.cached_bdev(&p.name)?;
-    let unsupported: Vec<&str> = [
-        ("writeback_percent", p.writeback_percent.is_some()),
-        ("writeback_rate_min", p.writeback_rate_min.is_some()),
-        ("writeback_rate_max", p.writeback_rate_max.is_some()),
-    ]
-    .into_iter()
-    .filter(|(_, given)| *given)
-    .map(|(k, _)| k)
-    .collect();
-    if !unsupported.is_empty() {
-        // Nothing is applied: the call is all or nothing.
-        return Err(not_supported(format!(
-            "bdev_cache_set_options {} (the engine starts writeback by free log space and does not limit its rate)",
-            unsupported.join(", ")
-        )));
-    }
     let mut o = set.options();
     let mut applied = Vec::new();
     if let Some(ms) = p.seal_idle_ms {
@@ -747,6 +752,23 @@ fn set_options(t: &Arc<Target>, p: BdevCacheSetOptionsParams) -> Result<bool, Rp
     if let Some(n) = p.promote_after_hits {
         o.promote_after = n;
         applied.push(format!("promote_after_hits={n}"));
+    }
+    if let Some(pct) = p.writeback_percent {
+        o.writeback_percent = u32::from(pct);
+        applied.push(format!("writeback_percent={pct}"));
+    }
+    if let Some(r) = p.writeback_rate_min {
+        o.writeback_rate_min = r;
+        applied.push(format!("writeback_rate_min={r}"));
+    }
+    if let Some(r) = p.writeback_rate_max {
+        o.writeback_rate_max = r;
+        applied.push(format!("writeback_rate_max={r}"));
+    }
+    if o.writeback_rate_max < o.writeback_rate_min {
+        return Err(RpcError::invalid_params(
+            "writeback_rate_max: must be >= writeback_rate_min (the set's current value included)",
+        ));
     }
     set.set_options(o);
     log::info!("{}: cache set options: {}", p.name, applied.join(", "));

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::failure::{BackingState, DRAIN_WAIT_LIMIT};
 use super::index::{EntryKind, Hit, PromotionTicket};
-use super::log::ReactorLog;
+use super::log::{IoPath, ReactorLog};
 use super::ondisk::CacheMode;
 use super::promote::StreamDetector;
 use super::set::{Backing, CacheSet, IoRange};
@@ -266,14 +266,33 @@ impl Inner {
         }
     }
 
+    /// One I/O: run it, then account its latency to its path and feed the writeback rate
+    /// controller's view of the foreground.
     async fn run(&self, io: IoRequest) -> IoCompletion {
+        let started = std::time::Instant::now();
+        let (c, path) = self.dispatch(io).await;
+        let set = self.set();
+        let now = started.elapsed();
+        let us = now.as_micros() as u64;
+        if let Ok(mut l) = self.log.latency.try_borrow_mut() {
+            l.record(path, us);
+        }
+        if let Some(fg) = set.fg.get(self.log.reactor()) {
+            let is_read = matches!(path, IoPath::ReadHit | IoPath::ReadMiss);
+            let at = set.created.elapsed().as_nanos() as u64;
+            fg.record(at, is_read.then_some(now.as_nanos() as u64));
+        }
+        c
+    }
+
+    async fn dispatch(&self, io: IoRequest) -> (IoCompletion, IoPath) {
         match self.settled_state().await {
-            BackingState::Stopped => return IoCompletion::err(Errno::EIO, io.buf),
-            BackingState::Degraded | BackingState::Detached => return self.backing_io(io).await,
+            BackingState::Stopped => return (IoCompletion::err(Errno::EIO, io.buf), IoPath::Other),
+            BackingState::Degraded | BackingState::Detached => return (self.backing_io(io).await, IoPath::Bypass),
             BackingState::Detaching if io.io_type == IoType::Write => {
                 let buf = io.buf.expect("validated write has a buffer");
                 let r = self.write_around(io.offset, buf, io.fua).await;
-                return IoCompletion { status: r.0, buf: r.1 };
+                return (IoCompletion { status: r.0, buf: r.1 }, IoPath::Bypass);
             }
             _ => {}
         }
@@ -284,22 +303,24 @@ impl Inner {
         match io.io_type {
             IoType::Read => {
                 let buf = io.buf.expect("validated read has a buffer");
-                self.read(io.offset, buf, !sequential).await
+                let (c, hit) = self.read(io.offset, buf, !sequential).await;
+                (c, if hit { IoPath::ReadHit } else { IoPath::ReadMiss })
             }
             IoType::Write if sequential && self.backing.mode() == CacheMode::WriteBack => {
                 // A long sequential stream goes around the cache (bcache's sequential_cutoff).
                 self.set().counters.seq_bypasses.fetch_add(1, Ordering::Relaxed);
                 let buf = io.buf.expect("validated write has a buffer");
                 let r = self.write_around(io.offset, buf, io.fua).await;
-                IoCompletion { status: r.0, buf: r.1 }
+                (IoCompletion { status: r.0, buf: r.1 }, IoPath::Bypass)
             }
             IoType::Write => {
                 let buf = io.buf.expect("validated write has a buffer");
-                self.write(io.offset, buf, io.fua).await
+                let path = if self.backing.mode() == CacheMode::WriteBack { IoPath::Write } else { IoPath::Bypass };
+                (self.write(io.offset, buf, io.fua).await, path)
             }
-            IoType::Flush => IoCompletion { status: self.flush().await, buf: None },
+            IoType::Flush => (IoCompletion { status: self.flush().await, buf: None }, IoPath::Other),
             IoType::Unmap | IoType::WriteZeroes => {
-                IoCompletion { status: self.zero(io.offset, io.len).await, buf: None }
+                (IoCompletion { status: self.zero(io.offset, io.len).await, buf: None }, IoPath::Other)
             }
         }
     }
@@ -428,7 +449,8 @@ impl Inner {
 
     // ---- reads ----------------------------------------------------------------------
 
-    async fn read(&self, offset: u64, mut buf: IoBuf, may_promote: bool) -> IoCompletion {
+    /// A read; also says whether it was a full hit (for per-path latency).
+    async fn read(&self, offset: u64, mut buf: IoBuf, may_promote: bool) -> (IoCompletion, bool) {
         let bs = self.bs() as usize;
         let lba0 = offset / bs as u64;
         let n = buf.len() / bs;
@@ -440,7 +462,7 @@ impl Inner {
             for &b in &todo {
                 let key = match CacheSet::key(self.backing.idx, lba0 + b as u64) {
                     Some(k) => k,
-                    None => return IoCompletion::err(Errno::EINVAL, Some(buf)),
+                    None => return (IoCompletion::err(Errno::EINVAL, Some(buf)), false),
                 };
                 srcs.push(match self.log.lookup(key) {
                     None => Src::Miss,
@@ -460,7 +482,7 @@ impl Inner {
                             self.promote(cands, b).await;
                         }
                     }
-                    return c;
+                    return (c, false);
                 }
             }
             let mut retry = Vec::new();
@@ -480,7 +502,7 @@ impl Inner {
                 let cands = if may_promote { self.promotion_candidates(lba0 + b0 as u64, cnt) } else { Vec::new() };
                 let c = self.backing_io(IoRequest::read(off, IoBuf::new(cnt * bs))).await;
                 if let Err(e) = c.status {
-                    return IoCompletion::err(e, Some(buf));
+                    return (IoCompletion::err(e, Some(buf)), false);
                 }
                 if let Some(data) = c.buf {
                     buf[b0 * bs..(b0 + cnt) * bs].copy_from_slice(&data);
@@ -497,19 +519,19 @@ impl Inner {
                     Src::Cached(h) => match self.read_cached(&set, h, lba0 + b as u64).await {
                         Ok(Some(data)) => buf[b * bs..(b + 1) * bs].copy_from_slice(&data),
                         Ok(None) => retry.push(b),
-                        Err(e) => return IoCompletion::err(e, Some(buf)),
+                        Err(e) => return (IoCompletion::err(e, Some(buf)), false),
                     },
                 }
             }
             if retry.is_empty() {
                 let c = if hits == n { &set.counters.read_hits } else { &set.counters.read_partial_hits };
                 c.fetch_add(1, Ordering::Relaxed);
-                return IoCompletion::ok(Some(buf));
+                return (IoCompletion::ok(Some(buf)), hits == n);
             }
             todo = retry;
         }
         log::error!("cache set {}: read at {offset} kept racing segment reuse; giving up", set.name);
-        IoCompletion::err(Errno::EIO, Some(buf))
+        (IoCompletion::err(Errno::EIO, Some(buf)), false)
     }
 
     /// One cached block. Ok(None): the segment was reused under us; look it up again.

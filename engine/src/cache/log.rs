@@ -91,6 +91,112 @@ pub struct ReactorLog {
     idle_sealer: Cell<bool>,
     /// Backing devices whose rescued data could not be written (after a cache failure).
     lost: RefCell<Vec<super::index::BackingIdx>>,
+    /// Latency per I/O path on this reactor.
+    pub(crate) latency: RefCell<PathLatency>,
+}
+
+/// Which way an I/O went (for per-path latency).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum IoPath {
+    ReadHit,
+    ReadMiss,
+    Write,
+    Bypass,
+    Writeback,
+    Other,
+}
+
+/// Latency histograms (µs) of one reactor, one per path.
+pub struct PathLatency {
+    pub read_hit: hdrhistogram::Histogram<u64>,
+    pub read_miss: hdrhistogram::Histogram<u64>,
+    pub write: hdrhistogram::Histogram<u64>,
+    pub bypass: hdrhistogram::Histogram<u64>,
+    pub writeback: hdrhistogram::Histogram<u64>,
+}
+
+fn histogram() -> hdrhistogram::Histogram<u64> {
+    // 1 µs .. 60 s at 3 significant digits; the bounds are constants, so this cannot fail.
+    hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds")
+}
+
+impl PathLatency {
+    pub fn new() -> PathLatency {
+        PathLatency {
+            read_hit: histogram(),
+            read_miss: histogram(),
+            write: histogram(),
+            bypass: histogram(),
+            writeback: histogram(),
+        }
+    }
+
+    pub(crate) fn record(&mut self, path: IoPath, us: u64) {
+        let h = match path {
+            IoPath::ReadHit => &mut self.read_hit,
+            IoPath::ReadMiss => &mut self.read_miss,
+            IoPath::Write => &mut self.write,
+            IoPath::Bypass => &mut self.bypass,
+            IoPath::Writeback => &mut self.writeback,
+            IoPath::Other => return,
+        };
+        h.saturating_record(us.max(1));
+    }
+
+    pub fn add(&mut self, o: &PathLatency) {
+        for (a, b) in [
+            (&mut self.read_hit, &o.read_hit),
+            (&mut self.read_miss, &o.read_miss),
+            (&mut self.write, &o.write),
+            (&mut self.bypass, &o.bypass),
+            (&mut self.writeback, &o.writeback),
+        ] {
+            let _ = a.add(b);
+        }
+    }
+
+    pub fn reset(&mut self) {
+        *self = PathLatency::new();
+    }
+
+    /// p50/p90/p99/p99.9/max and count of each path, in µs.
+    pub fn summary(&self) -> serde_json::Value {
+        let one = |h: &hdrhistogram::Histogram<u64>| {
+            serde_json::json!({
+                "count": h.len(),
+                "p50_us": h.value_at_quantile(0.5),
+                "p90_us": h.value_at_quantile(0.9),
+                "p99_us": h.value_at_quantile(0.99),
+                "p999_us": h.value_at_quantile(0.999),
+                "max_us": h.max(),
+            })
+        };
+        serde_json::json!({
+            "read_hit": one(&self.read_hit),
+            "read_miss": one(&self.read_miss),
+            "write": one(&self.write),
+            "bypass": one(&self.bypass),
+            "writeback": one(&self.writeback),
+        })
+    }
+}
+
+impl Default for PathLatency {
+    fn default() -> Self {
+        PathLatency::new()
+    }
+}
+
+impl Clone for PathLatency {
+    fn clone(&self) -> Self {
+        PathLatency {
+            read_hit: self.read_hit.clone(),
+            read_miss: self.read_miss.clone(),
+            write: self.write.clone(),
+            bypass: self.bypass.clone(),
+            writeback: self.writeback.clone(),
+        }
+    }
 }
 
 impl ReactorLog {
@@ -117,6 +223,7 @@ impl ReactorLog {
             last_write: Cell::new(Instant::now()),
             idle_sealer: Cell::new(false),
             lost: RefCell::new(Vec::new()),
+            latency: RefCell::new(PathLatency::new()),
         })
     }
 

@@ -18,6 +18,7 @@ pub mod index;
 pub mod log;
 pub mod ondisk;
 pub mod promote;
+pub mod rate;
 pub mod set;
 pub mod writeback;
 

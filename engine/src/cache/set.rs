@@ -91,6 +91,11 @@ pub struct CacheOptions {
     pub promote_after: u32,
     /// Contiguous streams longer than this bypass the cache (0: off).
     pub seq_cutoff_bytes: u64,
+    /// Writeback rate control (docs/cache-engine.md): target dirty percent and the rate
+    /// span in blocks per second.
+    pub writeback_percent: u32,
+    pub writeback_rate_min: u64,
+    pub writeback_rate_max: u64,
     pub seq_cutoff_policy: super::promote::SeqCutoffPolicy,
 }
 
@@ -110,6 +115,9 @@ impl Default for CacheOptions {
             backing_offline_grace: Duration::from_secs(5),
             promote_after: 2,
             seq_cutoff_bytes: 4 << 20,
+            writeback_percent: 10,
+            writeback_rate_min: 256,
+            writeback_rate_max: 200_000,
             seq_cutoff_policy: super::promote::SeqCutoffPolicy::Always,
         }
     }
@@ -288,6 +296,11 @@ pub struct CacheSet {
     pub(crate) io_ranges: Mutex<Vec<IoRange>>,
     /// Durability rounds (FLUSH group commit): one at a time, numbered.
     pub(crate) durable_round: futures::lock::Mutex<()>,
+    /// Foreground activity per reactor (rate control input).
+    pub(crate) fg: Box<[super::rate::FgStat]>,
+    /// The rate controller's last decision (for stats).
+    pub(crate) writeback_rate: Mutex<super::rate::Decision>,
+    pub(crate) created: Instant,
     pub(crate) rounds_started: AtomicU64,
     pub(crate) rounds_done: AtomicU64,
     /// The per-I/O policy knobs as atomics (read on every I/O without a lock).
@@ -313,6 +326,7 @@ impl CacheSet {
             )));
         }
         let knobs = Knobs::from(&opts);
+        let n_reactors = reactors.len();
         let index = BlockIndex::new(nr_segments, geom.slots_per_segment())
             .map_err(|e| CacheError::Invalid(format!("index: {e}")))?;
         Ok(CacheSet {
@@ -339,6 +353,9 @@ impl CacheSet {
             misses: Default::default(),
             io_ranges: Mutex::new(Vec::new()),
             durable_round: futures::lock::Mutex::new(()),
+            fg: (0..n_reactors).map(|_| Default::default()).collect(),
+            writeback_rate: Mutex::new(super::rate::Decision::Idle),
+            created: Instant::now(),
             rounds_started: AtomicU64::new(0),
             rounds_done: AtomicU64::new(0),
             knobs,
@@ -481,6 +498,42 @@ impl CacheSet {
         ch.flush().await.status?;
         self.rounds_done.fetch_max(round, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The writeback rate controller's current decision.
+    pub fn writeback_rate(&self) -> super::rate::Decision {
+        *self.writeback_rate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Per-path latency histograms merged over every reactor (µs).
+    pub async fn latency(self: &Arc<Self>) -> super::log::PathLatency {
+        let mut total = super::log::PathLatency::new();
+        for r in 0..self.reactors.len() {
+            let s = self.clone();
+            if let Ok(Some(l)) = self
+                .reactors
+                .run_on(r, move || async move { s.existing_local().map(|l| l.latency.borrow().clone()) })
+                .await
+            {
+                total.add(&l);
+            }
+        }
+        total
+    }
+
+    /// Clear the per-path latency histograms on every reactor.
+    pub async fn reset_latency(self: &Arc<Self>) {
+        for r in 0..self.reactors.len() {
+            let s = self.clone();
+            let _ = self
+                .reactors
+                .run_on(r, move || async move {
+                    if let Some(l) = s.existing_local() {
+                        l.latency.borrow_mut().reset();
+                    }
+                })
+                .await;
+        }
     }
 
     pub(crate) fn existing_local(&self) -> Option<Rc<super::log::ReactorLog>> {

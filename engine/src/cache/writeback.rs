@@ -19,6 +19,7 @@ use futures::future::join_all;
 use futures::StreamExt;
 
 use super::index::{DirtySlot, Reclaimer, SegmentId, Seq};
+use super::rate::{self, Decision, Inputs, RateController, RateKnobs};
 use super::set::{CacheSet, IoRange};
 use crate::dma::IoBuf;
 use crate::errno::Errno;
@@ -114,30 +115,61 @@ fn migration_main(set: Arc<CacheSet>) {
         log::error!("cache set {}: no reclaimer for the migration thread", set.name);
         return;
     };
+    let mut ctl = RateController::default();
+    let mut last_space_waits = set.counters.space_waits.load(Ordering::Relaxed);
+    let mut decision = Decision::Idle;
     while !set.stopping.load(Ordering::Acquire) {
-        set.kick.wait(Duration::from_millis(100));
+        if decision == Decision::Idle {
+            set.kick.wait(Duration::from_millis(100));
+        }
         set.check_offline_backings();
-        loop {
-            if set.stopping.load(Ordering::Acquire) || set.is_failed() {
-                break;
-            }
-            let drain = set.drain_requested.load(Ordering::Acquire);
-            if !drain && set.free.len() >= set.low_watermark() {
-                break;
-            }
-            match step(&set, &mut reclaimer, drain) {
-                Ok(true) => {}
-                Ok(false) => {
-                    if drain && set.dirty_blocks() == 0 {
-                        set.drain_requested.store(false, Ordering::Release);
-                    }
-                    break;
+        if set.stopping.load(Ordering::Acquire) || set.is_failed() {
+            break;
+        }
+        let drain = set.drain_requested.load(Ordering::Acquire);
+        let waits = set.counters.space_waits.load(Ordering::Relaxed);
+        let urgent = drain || set.free.len() < set.low_watermark() || waits != last_space_waits;
+        last_space_waits = waits;
+        let (fg_idle, fg_lat) =
+            rate::summarize(&set.fg, set.created.elapsed().as_nanos() as u64, Duration::from_secs(1));
+        let dirty_fraction = set.dirty_blocks() as f64 / set.index.nr_slots().max(1) as f64;
+        let o = set.options();
+        let knobs = RateKnobs {
+            writeback_percent: o.writeback_percent,
+            rate_min: o.writeback_rate_min as f64,
+            rate_max: o.writeback_rate_max as f64,
+        };
+        decision =
+            ctl.decide(&knobs, Inputs { dirty_fraction, urgent, foreground_idle: fg_idle, fg_latency_ns: fg_lat });
+        *set.writeback_rate.lock().unwrap_or_else(|e| e.into_inner()) = decision;
+        if decision == Decision::Idle {
+            continue;
+        }
+        let before = set.counters.writeback_blocks.load(Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        match step(&set, &mut reclaimer, drain) {
+            Ok(true) => {}
+            Ok(false) => {
+                if drain && set.dirty_blocks() == 0 {
+                    set.drain_requested.store(false, Ordering::Release);
                 }
-                Err(e) => {
-                    log::warn!("cache set {}: writeback step failed: {e}; retrying", set.name);
-                    std::thread::sleep(Duration::from_millis(100));
-                    break;
-                }
+                decision = Decision::Idle;
+                continue;
+            }
+            Err(e) => {
+                log::warn!("cache set {}: writeback step failed: {e}; retrying", set.name);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        }
+        // Throttle to the decided rate (never below what urgency needs).
+        if let Decision::Rate(r) = decision {
+            let written = set.counters.writeback_blocks.load(Ordering::Relaxed) - before;
+            let due = Duration::from_secs_f64(written as f64 / r.max(1.0));
+            let spent = t0.elapsed();
+            if due > spent {
+                // Wake early if writers start waiting for space.
+                set.kick.wait((due - spent).min(Duration::from_secs(1)));
             }
         }
     }
@@ -361,6 +393,7 @@ async fn write_run(
             j += 1;
         }
         let part = &live[i..j];
+        let t0 = std::time::Instant::now();
         let off = backing.data_offset + part[0].key.lba().0 * bs as u64;
         let len = part.len() * bs;
         let res = if part[0].zero {
@@ -384,6 +417,9 @@ async fn write_run(
                 backing.note_error(set, e);
                 return Err(e);
             }
+        }
+        if let Ok(mut l) = log.latency.try_borrow_mut() {
+            l.record(super::log::IoPath::Writeback, t0.elapsed().as_micros() as u64);
         }
         i = j;
     }

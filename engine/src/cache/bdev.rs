@@ -450,7 +450,36 @@ impl Inner {
     // ---- reads ----------------------------------------------------------------------
 
     /// A read; also says whether it was a full hit (for per-path latency).
-    async fn read(&self, offset: u64, mut buf: IoBuf, may_promote: bool) -> (IoCompletion, bool) {
+    async fn read(&self, offset: u64, buf: IoBuf, may_promote: bool) -> (IoCompletion, bool) {
+        // Fast path: one block that is on the cache device (not in a RAM buffer, not
+        // zero) is read straight into the caller's buffer — no temporary, no copy.
+        let bs = self.bs() as usize;
+        if buf.len() == bs {
+            let set = self.set();
+            if let Some(key) = CacheSet::key(self.backing.idx, offset / bs as u64) {
+                if let Some(h) = self.log.lookup(key) {
+                    if !h.zero && set.ram_owner[h.segment.0 as usize].load(Ordering::Acquire) == 0 {
+                        let c = self.log.cache_ch.read(set.geom.slot_id_offset(h.slot), buf).await;
+                        match c.status {
+                            Ok(()) if set.index.still_valid(&h) => {
+                                set.counters.read_hits.fetch_add(1, Ordering::Relaxed);
+                                return (c, true);
+                            }
+                            // Reused under us, or a cache error: the general path sorts it
+                            // out (it retries, or falls back / reports per the rules).
+                            _ => match c.buf {
+                                Some(b) => return self.read_general(offset, b, may_promote).await,
+                                None => return (IoCompletion::err(Errno::EIO, None), false),
+                            },
+                        }
+                    }
+                }
+            }
+        }
+        self.read_general(offset, buf, may_promote).await
+    }
+
+    async fn read_general(&self, offset: u64, mut buf: IoBuf, may_promote: bool) -> (IoCompletion, bool) {
         let bs = self.bs() as usize;
         let lba0 = offset / bs as u64;
         let n = buf.len() / bs;

@@ -34,3 +34,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace --profile ci 2>&1 | tee /tmp/tiercache-test.log
+echo "== fuzz smoke (cargo-fuzz, 15 s per target)"
+scripts/fuzz-smoke.sh 15

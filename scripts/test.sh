@@ -36,3 +36,7 @@ echo "== cargo test"
 cargo test --workspace --profile ci 2>&1 | tee /tmp/tiercache-test.log
 echo "== fuzz smoke (cargo-fuzz, 15 s per target)"
 scripts/fuzz-smoke.sh 15
+# One closing line for the whole run (cargo prints one summary per test binary).
+passed=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' /tmp/tiercache-test.log | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' /tmp/tiercache-test.log | awk '{s+=$1} END {print s+0}')
+echo "tests: ${passed} passed, ${failed} failed"

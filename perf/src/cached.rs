@@ -38,6 +38,115 @@ pub struct CachedSpec {
     pub mode: CacheMode,
     /// Cache block size (the cached bdev's block size).
     pub block_size: u32,
+    /// `CacheOptions::promote_after` (None: the engine's default).
+    pub promote_after: Option<u32>,
+    /// `CacheOptions::seq_cutoff_bytes` (None: the engine's default).
+    pub seq_cutoff: Option<u64>,
+    /// `CacheOptions::writeback_free_low_percent` (None: the engine's default).
+    pub writeback_low_pct: Option<u32>,
+    pub drain: Drain,
+}
+
+/// When to ask the set for a full writeback (`CacheSet::request_drain`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Drain {
+    No,
+    /// After the job, timed until no dirty block is left.
+    After,
+    /// When the job starts (writeback runs under the job's I/O).
+    During,
+}
+
+impl CachedSpec {
+    /// The set's options for this spec.
+    pub fn options(&self) -> CacheOptions {
+        let d = CacheOptions::default();
+        CacheOptions {
+            segment_size: self.segment_size,
+            block_size: self.block_size,
+            promote_after: self.promote_after.unwrap_or(d.promote_after),
+            seq_cutoff_bytes: self.seq_cutoff.unwrap_or(d.seq_cutoff_bytes),
+            writeback_free_low_percent: self.writeback_low_pct.unwrap_or(d.writeback_free_low_percent),
+            ..d
+        }
+    }
+}
+
+/// The engine's own counters (`CacheSet::counters`), deltas over the measured job. Reads
+/// are counted per request (a 4 KiB request is one block).
+#[derive(Copy, Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct EngineCounters {
+    pub read_hits: u64,
+    pub read_partial_hits: u64,
+    pub read_misses: u64,
+    pub promotions: u64,
+    pub promotions_stale: u64,
+    pub seq_bypasses: u64,
+    pub write_blocks: u64,
+    pub segments_written: u64,
+    pub writeback_blocks: u64,
+    pub segments_reclaimed: u64,
+    pub space_waits: u64,
+    pub flushes: u64,
+}
+
+impl EngineCounters {
+    fn of(set: &CacheSet) -> EngineCounters {
+        let c = &set.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        EngineCounters {
+            read_hits: g(&c.read_hits),
+            read_partial_hits: g(&c.read_partial_hits),
+            read_misses: g(&c.read_misses),
+            promotions: g(&c.promotions),
+            promotions_stale: g(&c.promotions_stale),
+            seq_bypasses: g(&c.seq_bypasses),
+            write_blocks: g(&c.write_blocks),
+            segments_written: g(&c.segments_written),
+            writeback_blocks: g(&c.writeback_blocks),
+            segments_reclaimed: g(&c.segments_reclaimed),
+            space_waits: g(&c.space_waits),
+            flushes: g(&c.flushes),
+        }
+    }
+
+    fn minus(&self, b: &EngineCounters) -> EngineCounters {
+        EngineCounters {
+            read_hits: self.read_hits - b.read_hits,
+            read_partial_hits: self.read_partial_hits - b.read_partial_hits,
+            read_misses: self.read_misses - b.read_misses,
+            promotions: self.promotions - b.promotions,
+            promotions_stale: self.promotions_stale - b.promotions_stale,
+            seq_bypasses: self.seq_bypasses - b.seq_bypasses,
+            write_blocks: self.write_blocks - b.write_blocks,
+            segments_written: self.segments_written - b.segments_written,
+            writeback_blocks: self.writeback_blocks - b.writeback_blocks,
+            segments_reclaimed: self.segments_reclaimed - b.segments_reclaimed,
+            space_waits: self.space_waits - b.space_waits,
+            flushes: self.flushes - b.flushes,
+        }
+    }
+
+    /// Percent of read requests fully served by the cache (None without reads).
+    pub fn hit_pct(&self) -> Option<f64> {
+        let all = self.read_hits + self.read_partial_hits + self.read_misses;
+        (all > 0).then(|| round3(self.read_hits as f64 / all as f64 * 100.0))
+    }
+}
+
+/// The `drain` section of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct DrainReport {
+    pub when: Drain,
+    pub dirty_blocks_before: u64,
+    pub dirty_blocks_after: u64,
+    /// Blocks written back to the backing device meanwhile (device boundary).
+    pub written_back_blocks: u64,
+    /// After: seconds from `request_drain` until no dirty block was left. During: the job's
+    /// elapsed time.
+    pub secs: f64,
+    pub mib_per_s: f64,
 }
 
 /// I/O counts of one device (or one channel of it).
@@ -261,6 +370,13 @@ pub struct CacheReport {
     /// The FLUSH issued after the job so the cache can be loaded later (not measured).
     pub final_flush_ms: f64,
     pub index_ram: IndexRam,
+    /// The engine's counters over the job (`CacheSet::counters`).
+    pub engine: EngineCounters,
+    /// Engine read hit ratio in percent (full hits / read requests; null without reads).
+    pub engine_hit_pct: Option<f64>,
+    /// Live (newest-version) blocks in the log after the job: what the cache held.
+    pub cached_blocks: u64,
+    pub drain: Option<DrainReport>,
 }
 
 /// An open cached target.
@@ -275,6 +391,11 @@ pub struct CachedTarget {
     setup: Duration,
     start: Option<(DevCounts, DevCounts)>,
     end: Option<(DevCounts, DevCounts)>,
+    engine_start: EngineCounters,
+    engine_end: Option<EngineCounters>,
+    cached_blocks: u64,
+    drain_start: Option<(Instant, u64, DevCounts)>,
+    drain: Option<DrainReport>,
 }
 
 /// Seed of the delay bdev's latency draws (derived from the run's seed).
@@ -300,7 +421,7 @@ impl CachedTarget {
         };
         let cache_dev = CountingBdev::new(cache_file.clone());
         let backing_dev = CountingBdev::new(backing);
-        let opts = CacheOptions { segment_size: spec.segment_size, block_size: spec.block_size, ..Default::default() };
+        let opts = spec.options();
         let (format, mode) = (spec.format, spec.mode);
         let rs = reactors.clone();
         let (cdesc, bdesc) = (BdevDesc::new(cache_dev.clone()), BdevDesc::new(backing_dev.clone()));
@@ -352,17 +473,74 @@ impl CachedTarget {
             setup,
             start: None,
             end: None,
+            engine_start: EngineCounters::default(),
+            engine_end: None,
+            cached_blocks: 0,
+            drain_start: None,
+            drain: None,
         })
     }
 
-    /// Mark the start of the measured job.
+    /// Live and dirty blocks over every segment.
+    fn live_dirty(&self) -> (u64, u64) {
+        (0..self.set.nr_segments())
+            .filter_map(|s| self.set.index().segment_info(SegmentId(s)).ok())
+            .fold((0, 0), |(l, d), i| (l + i.live as u64, d + i.dirty as u64))
+    }
+
+    /// Mark the start of the measured job (and start the drain of `--drain-during`).
     pub fn job_started(&mut self) {
         self.start = Some((self.cache_dev.counts(), self.backing_dev.counts()));
+        self.engine_start = EngineCounters::of(&self.set);
+        if self.spec.drain == Drain::During {
+            self.drain_start = Some((Instant::now(), self.set.dirty_blocks(), self.backing_dev.counts()));
+            self.set.request_drain();
+        }
     }
 
     /// Mark the end of the measured job.
     pub fn job_ended(&mut self) {
         self.end = Some((self.cache_dev.counts(), self.backing_dev.counts()));
+        self.engine_end = Some(EngineCounters::of(&self.set));
+        self.cached_blocks = self.live_dirty().0;
+        if let Some((t0, before, b0)) = self.drain_start.take() {
+            self.drain = Some(self.drain_report(Drain::During, t0.elapsed(), before, &b0));
+        }
+    }
+
+    fn drain_report(&self, when: Drain, took: Duration, before: u64, b0: &DevCounts) -> DrainReport {
+        let b = self.backing_dev.counts().minus(b0);
+        let bytes = b.write_bytes + b.zero_bytes;
+        let secs = took.as_secs_f64();
+        DrainReport {
+            when,
+            dirty_blocks_before: before,
+            dirty_blocks_after: self.set.dirty_blocks(),
+            written_back_blocks: bytes / self.set.block_size() as u64,
+            secs: round3(secs),
+            mib_per_s: if secs > 0.0 { round3(bytes as f64 / secs / (1 << 20) as f64) } else { 0.0 },
+        }
+    }
+
+    /// `--drain`: ask for a full writeback and wait (polling every millisecond, at most
+    /// `limit`) until no dirty block is left.
+    pub fn drain_after(&mut self, limit: Duration) -> Result<(), String> {
+        let before = self.set.dirty_blocks();
+        let b0 = self.backing_dev.counts();
+        let t0 = Instant::now();
+        self.set.request_drain();
+        while self.set.dirty_blocks() > 0 {
+            if t0.elapsed() > limit {
+                return Err(format!(
+                    "drain: {} of {before} dirty blocks left after {:.1} s",
+                    self.set.dirty_blocks(),
+                    limit.as_secs_f64()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.drain = Some(self.drain_report(Drain::After, t0.elapsed(), before, &b0));
+        Ok(())
     }
 
     /// FLUSH the cached bdev (so the set can be loaded by a later run), stop writeback, and
@@ -404,6 +582,7 @@ impl CachedTarget {
             cache_dev,
             backing_dev,
         };
+        let engine = self.engine_end.unwrap_or_else(|| EngineCounters::of(&self.set)).minus(&self.engine_start);
         let mu = self.set.index().memory_usage();
         let total = mu.per_slot_bytes + mu.per_segment_bytes;
         let slots = mu.slots.max(1);
@@ -430,6 +609,10 @@ impl CachedTarget {
             writeback_seq: self.set.superblock().writeback_seq,
             final_flush_ms: round3(final_flush.as_secs_f64() * 1000.0),
             index_ram,
+            engine,
+            engine_hit_pct: engine.hit_pct(),
+            cached_blocks: self.cached_blocks,
+            drain: self.drain.clone(),
         })
     }
 

@@ -95,6 +95,8 @@ pub struct JobConfig {
     pub zipf_theta: Option<f64>,
     pub seed: u64,
     pub verify_pass: VerifyPass,
+    /// Replay these I/O slots in order (`--trace`) instead of drawing random ones.
+    pub trace: Option<std::sync::Arc<Vec<u64>>>,
 }
 
 impl JobConfig {
@@ -110,6 +112,7 @@ impl JobConfig {
             zipf_theta: None,
             seed,
             verify_pass: VerifyPass::Both,
+            trace: None,
         }
     }
 }
@@ -148,12 +151,19 @@ pub struct RunOptions {
     pub progress: bool,
     /// The seed was given (`--seed`) rather than drawn.
     pub seed_given: bool,
+    /// Also run the trace through an LRU of this many blocks (`--lru-sim`).
+    pub lru_sim: Option<u64>,
 }
 
 /// What the command line asks for.
 #[derive(Clone, Debug)]
 pub enum Mode {
     Run(Box<RunOptions>),
+    /// Write a seeded trace to a file (`--gen-trace`) and exit.
+    GenTrace {
+        path: PathBuf,
+        spec: crate::trace::TraceSpec,
+    },
     /// Start idle reactors and measure the CPU they use.
     IdleCheck {
         cores: Vec<usize>,
@@ -257,6 +267,47 @@ struct Cli {
     /// verify: write+read back (both), only write, or only read-and-check.
     #[arg(long = "verify-pass", value_enum, default_value = "both")]
     verify_pass: VerifyPass,
+    /// Replay the I/O slots (offset / io size) listed in FILE, one per line, in order
+    /// (randread / randwrite / randrw; every queue slot takes the next entry). The job
+    /// stops after one pass unless -t or --io-count says otherwise.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// With --trace: also run the trace through a plain LRU cache of BLOCKS entries and
+    /// report its hit ratio next to the engine's.
+    #[arg(long = "lru-sim", value_name = "BLOCKS", requires = "trace")]
+    lru_sim: Option<u64>,
+    /// Write a seeded trace to FILE and exit: --zipf THETA over --trace-blocks blocks,
+    /// --trace-accesses draws, a full scan after every --trace-scan-every draws.
+    #[arg(long = "gen-trace", value_name = "FILE")]
+    gen_trace: Option<PathBuf>,
+    /// With --gen-trace: working set in blocks.
+    #[arg(long = "trace-blocks", value_name = "N", requires = "gen_trace")]
+    trace_blocks: Option<u64>,
+    /// With --gen-trace: zipf draws (scans come on top).
+    #[arg(long = "trace-accesses", value_name = "N", requires = "gen_trace")]
+    trace_accesses: Option<u64>,
+    /// With --gen-trace: a full sequential scan of the working set after every K draws.
+    #[arg(long = "trace-scan-every", value_name = "K", requires = "gen_trace")]
+    trace_scan_every: Option<u64>,
+    /// With --cache: promote a read miss on its Nth miss in the window (0: never; engine
+    /// default 2).
+    #[arg(long = "promote-after", value_name = "N", requires = "cache")]
+    promote_after: Option<u32>,
+    /// With --cache: sequential cutoff in bytes (0: off; engine default 4M).
+    #[arg(long = "seq-cutoff", value_name = "SIZE", value_parser = parse_size_or_zero, requires = "cache")]
+    seq_cutoff: Option<u64>,
+    /// With --cache: start writeback when fewer than PCT percent of segments are free
+    /// (engine default 25).
+    #[arg(long = "writeback-low-pct", value_name = "PCT", requires = "cache")]
+    writeback_low_pct: Option<u32>,
+    /// With --cache: after the job, ask for a full writeback (`CacheSet::request_drain`)
+    /// and time it until no dirty block is left (`drain` in the report).
+    #[arg(long = "drain", requires = "cache", conflicts_with = "drain_during")]
+    drain: bool,
+    /// With --cache: ask for a full writeback when the job starts, so it runs under the
+    /// job's I/O (`drain` in the report says how much was written back meanwhile).
+    #[arg(long = "drain-during", requires = "cache")]
+    drain_during: bool,
     /// Start the reactors idle (no busy-poll), sleep SECS, report the CPU they used.
     #[arg(long = "idle-check", value_name = "SECS", value_parser = parse_seconds)]
     idle_check: Option<f64>,
@@ -268,6 +319,14 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
         return Err(format!("bad duration {s:?}: must be > 0 and at most 30 days"));
     }
     Ok(v)
+}
+
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        parse_size(s)
+    }
 }
 
 fn parse_theta(s: &str) -> Result<f64, String> {
@@ -373,16 +432,31 @@ where
     if let Some(secs) = cli.idle_check {
         return Ok(Mode::IdleCheck { cores, secs, json: cli.json });
     }
+    if let Some(path) = cli.gen_trace {
+        let spec = crate::trace::TraceSpec {
+            blocks: cli.trace_blocks.ok_or_else(|| invalid("--gen-trace needs --trace-blocks N".into()))?,
+            zipf_accesses: cli.trace_accesses.ok_or_else(|| invalid("--gen-trace needs --trace-accesses N".into()))?,
+            theta: cli.zipf.ok_or_else(|| invalid("--gen-trace needs --zipf THETA".into()))?,
+            scan_every: cli.trace_scan_every,
+            seed: cli.seed.unwrap_or(0),
+        };
+        return Ok(Mode::GenTrace { path, spec });
+    }
     let block_size = block_size_arg(cli.block_size).map_err(invalid)?;
     if cli.cache.is_none()
         && (cli.backing.is_some()
             || cli.backing_delay_us.is_some()
             || cli.cache_format
             || cli.segment_size.is_some()
-            || cli.cache_mode.is_some())
+            || cli.cache_mode.is_some()
+            || cli.promote_after.is_some()
+            || cli.seq_cutoff.is_some()
+            || cli.writeback_low_pct.is_some()
+            || cli.drain
+            || cli.drain_during)
     {
         return Err(invalid(
-            "--backing, --backing-delay-us, --cache-format, --segment-size and --cache-mode apply only with --cache"
+            "--backing, --backing-delay-us, --cache-format, --segment-size, --cache-mode and the cache policy options apply only with --cache"
                 .into(),
         ));
     }
@@ -421,6 +495,16 @@ where
                 segment_size,
                 mode: cli.cache_mode.unwrap_or(CacheMode::WriteBack),
                 block_size: block_size.unwrap_or(4096),
+                promote_after: cli.promote_after,
+                seq_cutoff: cli.seq_cutoff,
+                writeback_low_pct: cli.writeback_low_pct,
+                drain: if cli.drain {
+                    crate::cached::Drain::After
+                } else if cli.drain_during {
+                    crate::cached::Drain::During
+                } else {
+                    crate::cached::Drain::No
+                },
             }))
         }
         _ => {
@@ -453,10 +537,26 @@ where
             cli.workload.name()
         )));
     }
-    let limit = match (cli.time, cli.io_count) {
-        (_, Some(n)) => Limit::Count(n),
-        (Some(t), None) => Limit::Time(Duration::from_secs_f64(t)),
-        (None, None) => Limit::Time(Duration::from_secs(10)),
+    let trace = match &cli.trace {
+        None => None,
+        Some(p) => {
+            if !cli.workload.is_random() {
+                return Err(invalid(format!(
+                    "--trace replays random workloads (randread, randwrite, randrw), not {}",
+                    cli.workload.name()
+                )));
+            }
+            if cli.zipf.is_some() {
+                return Err(invalid("--trace and --zipf exclude each other (the trace says which blocks)".into()));
+            }
+            Some(std::sync::Arc::new(crate::trace::read(p).map_err(invalid)?))
+        }
+    };
+    let limit = match (cli.time, cli.io_count, &trace) {
+        (_, Some(n), _) => Limit::Count(n),
+        (Some(t), None, _) => Limit::Time(Duration::from_secs_f64(t)),
+        (None, None, Some(t)) => Limit::Count(t.len() as u64),
+        (None, None, None) => Limit::Time(Duration::from_secs(10)),
     };
     let (seed, seed_given) = match cli.seed {
         Some(s) => (s, true),
@@ -472,6 +572,7 @@ where
         zipf_theta: cli.zipf,
         seed,
         verify_pass: cli.verify_pass,
+        trace,
     };
     let progress = if cli.no_progress { false } else { cli.progress || !cli.json };
     Ok(Mode::Run(Box::new(RunOptions {
@@ -484,5 +585,6 @@ where
         histogram: cli.histogram,
         progress,
         seed_given,
+        lru_sim: cli.lru_sim,
     })))
 }

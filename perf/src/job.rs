@@ -128,6 +128,7 @@ struct Shared {
     stop: Arc<AtomicBool>,
     progress: Vec<Padded>,
     zipf: Option<ZipfOffsets>,
+    trace: Option<crate::trace::TraceCursor>,
 }
 
 struct ReactorCtx {
@@ -194,6 +195,9 @@ impl ReactorCtx {
 
     #[inline]
     fn random_slot(&self, rng: &mut Rng) -> u64 {
+        if let Some(t) = &self.shared.trace {
+            return t.next_slot();
+        }
         match &self.shared.zipf {
             Some(z) => z.next_slot(rng),
             None => rng.below(self.shared.num_slots),
@@ -483,6 +487,14 @@ pub fn check_geometry(cfg: &JobConfig, bdev: &dyn Bdev, reactors: usize) -> Resu
             if cfg.workload == Workload::Verify { "one region per queue slot" } else { "one region per core" }
         ));
     }
+    if let Some(max) = cfg.trace.as_ref().and_then(|t| t.iter().copied().max()) {
+        if max >= num_slots {
+            return Err(format!(
+                "the trace names I/O slot {max}, but the target holds {num_slots} I/Os of {} bytes",
+                cfg.io_size
+            ));
+        }
+    }
     Ok(num_slots)
 }
 
@@ -512,6 +524,7 @@ pub fn run_job(
         stop,
         progress: (0..n).map(|_| Padded::default()).collect(),
         zipf,
+        trace: cfg.trace.as_ref().map(|t| crate::trace::TraceCursor::new(t.as_ref().clone())),
     });
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Result<ReactorResult, String>, reactor::Canceled>)>();
     let started = Instant::now();

@@ -16,6 +16,7 @@ pub mod report;
 pub mod rng;
 pub mod size;
 pub mod target;
+pub mod trace;
 pub mod zipf;
 
 use std::io::Write;
@@ -74,7 +75,15 @@ pub fn run(opts: &RunOptions, out: &mut dyn Write, stop: Arc<AtomicBool>) -> Res
     let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
     set.stop();
     bdev.shutdown();
-    Ok(report::build(outcome?, config, target, opts.histogram))
+    let mut report = report::build(outcome?, config, target, opts.histogram);
+    report.trace = trace_report(opts);
+    Ok(report)
+}
+
+/// The `trace` section: the replayed trace's length and its LRU simulation.
+fn trace_report(opts: &RunOptions) -> Option<report::TraceReport> {
+    let t = opts.job.trace.as_ref()?;
+    Some(report::TraceReport { entries: t.len() as u64, lru: opts.lru_sim.map(|cap| trace::simulate_lru(t, cap)) })
 }
 
 /// [`run`] for a `--cache` target: the reactors start first (the cache set is formatted or
@@ -109,6 +118,9 @@ fn run_cached(
         tgt.job_started();
         let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
         tgt.job_ended();
+        if spec.drain == cached::Drain::After {
+            tgt.drain_after(std::time::Duration::from_secs(600))?;
+        }
         outcome
     })();
     let outcome = match result {
@@ -129,6 +141,7 @@ fn run_cached(
     set.stop();
     cached::CachedTarget::close_files(&files);
     report.cache = Some(cache?);
+    report.trace = trace_report(opts);
     Ok(report)
 }
 
@@ -151,6 +164,22 @@ where
         }
     };
     match mode {
+        Mode::GenTrace { path, spec } => {
+            let header = format!(
+                "tiercache-perf trace: zipf theta {} over {} blocks, {} draws, scan every {:?}, seed {}",
+                spec.theta, spec.blocks, spec.zipf_accesses, spec.scan_every, spec.seed
+            );
+            match trace::generate(&spec).and_then(|t| trace::write(&path, &header, &t).map(|()| t.len())) {
+                Ok(n) => {
+                    let _ = writeln!(out, "{header}: {n} entries written to {}", path.display());
+                    0
+                }
+                Err(e) => {
+                    let _ = writeln!(err, "tiercache-perf: {e}");
+                    EXIT_FAILED
+                }
+            }
+        }
         Mode::IdleCheck { cores, secs, json } => match idle::idle_check(&cores, secs) {
             Ok(r) => {
                 if json {

@@ -167,8 +167,17 @@ pub struct Report {
     pub histogram: Option<Vec<Bucket>>,
     /// Cache counters and index RAM of a `--cache` target (null for the other targets).
     pub cache: Option<crate::cached::CacheReport>,
+    /// The replayed trace (`--trace`) and its LRU simulation (`--lru-sim`).
+    pub trace: Option<TraceReport>,
     /// No I/O errors and no verify mismatches.
     pub ok: bool,
+}
+
+/// The `trace` section of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct TraceReport {
+    pub entries: u64,
+    pub lru: Option<crate::trace::LruResult>,
 }
 
 fn rate(x: u64, secs: f64) -> f64 {
@@ -294,6 +303,7 @@ pub fn build(outcome: JobOutcome, config: ConfigEcho, target: TargetEcho, want_h
         io_errors,
         histogram: want_histogram.then(|| buckets(&hist)),
         cache: None,
+        trace: None,
         ok,
     }
 }

@@ -253,3 +253,40 @@ fn writeback_drains_everything_to_the_backing_device() {
     set.stop_migration();
     rig.set.stop();
 }
+
+#[test]
+fn clean_cached_data_stays_warm_across_a_restart() {
+    let rig = make_rig(8, 16);
+    let cb = build(&rig, rig.cache_disk.clone(), rig.backing_disk.clone(), true).unwrap();
+    let desc = BdevDesc::new(cb.clone());
+    for lba in 0..60 {
+        write(&rig, (lba % 2) as usize, &desc, lba, 4, false);
+    }
+    let set = cb.cache_set().clone();
+    set.request_drain();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while set.dirty_blocks() > 0 || set.superblock().writeback_seq == 0 {
+        assert!(std::time::Instant::now() < deadline, "drain did not finish");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(set.superblock().reclaim_seq, 0, "nothing needed reclaiming: the clean data stays");
+    flush(&rig, 0, &desc).unwrap();
+    let (ci, bi) = (rig.cache_disk.cut_power(1, CutMode::DROP_ALL), rig.backing_disk.cut_power(2, CutMode::DROP_ALL));
+    set.stop_migration();
+    drop((cb, desc, set));
+    rig.set.stop();
+
+    let rig2 = make_rig(8, 16);
+    let cb2 = build(&rig2, SimDisk::from_image("c", 512, ci), SimDisk::from_image("b", 512, bi), false).unwrap();
+    let desc2 = BdevDesc::new(cb2.clone());
+    let set2 = cb2.cache_set().clone();
+    assert_eq!(set2.dirty_blocks(), 0, "written-back data must come back clean");
+    let hits = set2.counters.read_hits.load(std::sync::atomic::Ordering::Relaxed);
+    for lba in 0..60 {
+        assert_eq!(read(&rig2, 0, &desc2, lba, 1), pattern(lba, 4));
+    }
+    let hits_after = set2.counters.read_hits.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(hits_after - hits, 60, "clean data was not kept warm");
+    set2.stop_migration();
+    rig2.set.stop();
+}

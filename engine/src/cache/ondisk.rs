@@ -119,6 +119,7 @@ pub enum Field {
     BackingIdx,
     DataOffset,
     DataSize,
+    ReclaimSeq,
 }
 
 /// Errors from decoding or validating a superblock or a backing header.
@@ -448,8 +449,8 @@ pub struct SuperblockOnDisk {
     pub crc: u32,
     /// Generation of this copy; the valid copy with the highest wins.
     pub sb_seq: u64,
-    /// Every log segment with seq <= this has been written back; recovery
-    /// ignores such segments (see `docs/on-disk-format.md`).
+    /// Every log segment with seq <= this has been written back: recovery
+    /// replays their records as clean (see `docs/on-disk-format.md`).
     pub writeback_seq: u64,
     pub cache_set_uuid: [u8; 16],
     pub block_size: u32,
@@ -461,7 +462,10 @@ pub struct SuperblockOnDisk {
     pub device_size: u64,
     /// Byte offset of segment 0 (always `SEGMENTS_OFFSET` in version 1).
     pub segments_offset: u64,
-    pub reserved: [u8; 48],
+    /// Every log segment with seq <= this was reclaimed (its position may have been
+    /// reused): recovery ignores such segments. Always <= `writeback_seq`.
+    pub reclaim_seq: u64,
+    pub reserved: [u8; 40],
     pub backing: [BackingEntryOnDisk; MAX_BACKING],
 }
 
@@ -510,7 +514,8 @@ pub fn format_superblock(p: FormatParams) -> Result<SuperblockOnDisk, FormatErro
         flags: 0,
         device_size: p.device_size,
         segments_offset: SEGMENTS_OFFSET,
-        reserved: [0; 48],
+        reclaim_seq: 0,
+        reserved: [0; 40],
         backing: [BackingEntryOnDisk::default(); MAX_BACKING],
     };
     sb.validate()?;
@@ -537,6 +542,7 @@ impl SuperblockOnDisk {
         p.u32(self.flags);
         p.u64(self.device_size);
         p.u64(self.segments_offset);
+        p.u64(self.reclaim_seq);
         p.bytes(&self.reserved);
         for e in &self.backing {
             e.put(&mut p);
@@ -599,6 +605,7 @@ impl SuperblockOnDisk {
             flags: g.u32(),
             device_size: g.u64(),
             segments_offset: g.u64(),
+            reclaim_seq: g.u64(),
             reserved: g.arr(),
             backing: [BackingEntryOnDisk::default(); MAX_BACKING],
         };
@@ -619,6 +626,9 @@ impl SuperblockOnDisk {
         }
         if self.segments_offset != SEGMENTS_OFFSET {
             return Err(bad(Field::SegmentsOffset, self.segments_offset));
+        }
+        if self.reclaim_seq > self.writeback_seq {
+            return Err(bad(Field::ReclaimSeq, self.reclaim_seq));
         }
         if self.nr_segments < 2 {
             return Err(bad(Field::SegmentCount, self.nr_segments.into()));

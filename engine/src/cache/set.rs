@@ -621,7 +621,11 @@ pub async fn load(
     if let Some(e) = &loaded.other_error {
         log::warn!("cache set {name}: one superblock copy is invalid ({e}); using the other");
     }
-    let horizon = loaded.sb.writeback_seq;
+    // Segments at or below reclaim_seq are dead (their positions may hold newer data);
+    // segments up to writeback_seq replay as clean (the backing device has their data),
+    // newer ones as they were written.
+    let horizon = loaded.sb.reclaim_seq;
+    let written_back = loaded.sb.writeback_seq;
     let set = Arc::new(CacheSet::build(name, cache, reactors, loaded, opts)?);
     let geom = set.geom;
     let hdr = geom.header_bytes();
@@ -679,7 +683,14 @@ pub async fn load(
             .recover_segment(seg, Seq(seq))
             .map_err(|e| CacheError::Invalid(format!("replaying segment {}: {e}", seg.0)))?;
         for (i, r) in valid.records.iter().enumerate() {
-            let Some(kind) = EntryKind::from_record_flags(r.flags) else { continue };
+            let Some(mut kind) = EntryKind::from_record_flags(r.flags) else { continue };
+            if seq <= written_back {
+                kind = match kind {
+                    EntryKind::Dirty => EntryKind::Clean,
+                    EntryKind::Zero { .. } => EntryKind::Zero { dirty: false },
+                    k => k,
+                };
+            }
             let Some(key) = BlockKey::new(r.backing(), r.lba()) else { continue };
             // An older version than what is installed is simply not the newest: skip it.
             let _ = set.index.install(&participant, &open, i as u32, key, kind);
@@ -689,7 +700,7 @@ pub async fn load(
         set.sealed.lock().unwrap_or_else(|e| e.into_inner()).insert(seq, SealedSeg { seg, written: true });
         replayed += 1;
     }
-    set.index.advance_seq_past(Seq(horizon));
+    set.index.advance_seq_past(Seq(written_back));
     drop(participant);
     set.init_free_segments()?;
     set.start_migration();

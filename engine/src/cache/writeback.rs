@@ -182,24 +182,43 @@ const BATCH_SEGMENTS: usize = 4;
 /// Writeback runs in flight at once.
 const WRITEBACK_WINDOW: usize = 64;
 
-/// Write back and reclaim a batch of the oldest sealed segments. Ok(true): progress;
-/// Ok(false): nothing to do now.
+/// One unit of migration work: reclaim written-back segments when log space is needed,
+/// otherwise write back a batch of the oldest segments. Ok(true): progress; Ok(false):
+/// nothing to do now.
 ///
 /// Order matters for crash safety:
 /// 1. copy each segment's live dirty blocks to the backing devices, flush them, mark clean;
 /// 2. make every version in the log durable (seal everywhere, wait, flush the cache
 ///    device): a dirty version that is *superseded* was not written back, so the version
-///    that superseded it must be durable before the old one may be declared dead;
-/// 3. persist `writeback_seq` (replay ignores the batch from now on);
-/// 4. reclaim the segments (two grace periods) and queue them as free.
+///    that superseded it must be durable before the old one may be declared clean;
+/// 3. persist `writeback_seq` (replay takes the batch as clean from now on);
+/// 4. later, only under space pressure: persist `reclaim_seq`, then reclaim the segments
+///    (two grace periods) and queue them as free. Until then their clean data stays cached,
+///    across restarts too.
 fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<bool, Errno> {
+    // Space first: reclaiming written-back segments needs no data I/O.
+    if set.free.len() < set.low_watermark() && reclaim(set, reclaimer)? {
+        return Ok(true);
+    }
+    write_back_batch(set, drain)
+}
+
+/// Write back the oldest segments not yet written back (steps 1–3). Ok(false): nothing to
+/// do now.
+fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
+    let wb = set.superblock().writeback_seq;
     let batch: Vec<(u64, SegmentId)> = {
         let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.iter().take_while(|(_, s)| s.written).take(BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
+        sealed
+            .range(wb + 1..)
+            .take_while(|(_, s)| s.written)
+            .take(BATCH_SEGMENTS)
+            .map(|(seq, s)| (*seq, s.seg))
+            .collect()
     };
     if batch.is_empty() {
-        let any = !set.sealed.lock().unwrap_or_else(|e| e.into_inner()).is_empty();
-        if any {
+        let pending = set.sealed.lock().unwrap_or_else(|e| e.into_inner()).range(wb + 1..).next().is_some();
+        if pending {
             // The oldest segment is still being written.
             std::thread::sleep(Duration::from_millis(1));
             return Ok(true);
@@ -226,7 +245,7 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
     }
     let last = batch.last().map(|b| b.0).unwrap_or(0);
     // Everything up to `last` must be clean: an older segment still open on some reactor
-    // would otherwise be ignored at replay.
+    // would otherwise be taken for written back at replay.
     if set.index.clean_watermark().0 < last {
         seal_everywhere(set);
         std::thread::sleep(Duration::from_millis(1));
@@ -243,8 +262,28 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
         })
         .map_err(|_| Errno::ESHUTDOWN)?
         .map_err(|e| e.errno())?;
-    // 4.
-    let persisted = Seq(set.superblock().writeback_seq);
+    Ok(true)
+}
+
+/// Step 4, only when log space is needed: the oldest written-back segments leave the
+/// index and become free. `reclaim_seq` is persisted first, so replay never reads a
+/// position that may have been reused. Until then their clean data stays cached (and is
+/// replayed as clean after a restart). Ok(false): nothing reclaimable.
+fn reclaim(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer) -> Result<bool, Errno> {
+    let wb = set.superblock().writeback_seq;
+    let batch: Vec<(u64, SegmentId)> = {
+        let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
+        sealed.range(..=wb).take(BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
+    };
+    let Some(&(last, _)) = batch.last() else { return Ok(false) };
+    let s = set.clone();
+    set.reactors
+        .block_on(set.migration_reactor(), move || async move {
+            s.update_superblock(|sb| sb.reclaim_seq = sb.reclaim_seq.max(last).min(sb.writeback_seq)).await
+        })
+        .map_err(|_| Errno::ESHUTDOWN)?
+        .map_err(|e| e.errno())?;
+    let persisted = Seq(wb);
     for &(seq, seg) in &batch {
         let started = set.index.begin_reclaim(reclaimer, seg, persisted).map_err(|e| {
             log::error!("cache set {}: begin_reclaim({}): {e}", set.name, seg.0);

@@ -1,10 +1,10 @@
 //! The lock-free block index shared by all reactors.
 //!
 //! Maps a [`BlockKey`] (backing index + LBA) to the newest cache slot holding
-//! that block. All memory is allocated up front, 16 bytes per slot:
+//! that block. All memory is allocated up front, 14 bytes per slot:
 //!
 //! ```text
-//! buckets:   [AtomicU32; nr_slots]   head of a chain, slot+1 (0 = empty)   4 B
+//! buckets:   [AtomicU32; nr_slots/2] head of a chain, slot+1 (0 = empty)   2 B
 //! key_words: [AtomicU64; nr_slots]   key (56 bits) | flags (8 bits)        8 B
 //! next:      [AtomicU32; nr_slots]   next slot in the chain, slot+1        4 B
 //! segments:  [SegmentMeta; nr_segments]  seq, gen, state, live, dirty      24 B / segment
@@ -568,6 +568,8 @@ pub struct BlockIndex {
     nr_segments: u32,
     slots_per_segment: u32,
     nr_slots: u32,
+    /// Bucket heads: one per two slots (load factor 2) keeps the index at 14 B per slot.
+    nr_buckets: u32,
     buckets: Box<[AtomicU32]>,
     key_words: Box<[AtomicU64]>,
     next: Box<[AtomicU32]>,
@@ -603,7 +605,8 @@ impl BlockIndex {
             nr_segments,
             slots_per_segment,
             nr_slots: total as u32,
-            buckets: atomics32(n),
+            nr_buckets: (total as u32 / 2).max(1),
+            buckets: atomics32((n / 2).max(1)),
             key_words: (0..n).map(|_| AtomicU64::new(0)).collect(),
             next: atomics32(n),
             segments: (0..nr_segments).map(|_| SegmentMeta::default()).collect(),
@@ -654,7 +657,7 @@ impl BlockIndex {
     }
 
     fn bucket_of(&self, key: BlockKey) -> usize {
-        (((mix(key.0) >> 32) * u64::from(self.nr_slots)) >> 32) as usize
+        (((mix(key.0) >> 32) * u64::from(self.nr_buckets)) >> 32) as usize
     }
 
     fn version_of(&self, slot: u32) -> Version {
@@ -1220,20 +1223,21 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_16_bytes_per_slot() {
+    fn memory_is_at_most_16_bytes_per_slot() {
         // Default geometry: 4 KiB blocks, 512 KiB segments -> 127 slots; 1 GiB ~ 2047 segments.
         let ix = BlockIndex::new(2047, 127).unwrap();
         let m = ix.memory_usage();
         assert_eq!(m.slots, 2047 * 127);
-        assert_eq!(m.per_slot_bytes, 16 * m.slots, "exactly 16 B per slot in the slot arrays");
+        // 4 B per two slots (bucket heads) + 8 B key word + 4 B next link.
+        assert!(m.per_slot_bytes <= 14 * m.slots + 4, "{} B for {} slots", m.per_slot_bytes, m.slots);
         assert_eq!(m.per_segment_bytes, 24 * 2047);
         let total = (m.per_slot_bytes + m.per_segment_bytes) as f64 / m.slots as f64;
-        assert!(total < 16.2, "{total} B/slot including the segment table");
-        // Worst geometry (4 KiB blocks, 128 KiB segments, 31 slots).
+        assert!(total < 14.2, "{total} B/slot including the segment table");
+        // Worst geometry (4 KiB blocks, 128 KiB segments, 31 slots): still under 16 B.
         let ix = BlockIndex::new(1000, 31).unwrap();
         let m = ix.memory_usage();
-        assert_eq!(m.per_slot_bytes, 16 * m.slots);
-        assert!(((m.per_slot_bytes + m.per_segment_bytes) as f64 / m.slots as f64) < 16.8);
+        assert!(m.per_slot_bytes <= 14 * m.slots + 4);
+        assert!(((m.per_slot_bytes + m.per_segment_bytes) as f64 / m.slots as f64) < 16.0);
     }
 
     #[test]

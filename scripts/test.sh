@@ -17,7 +17,9 @@ want qemu-io qemu-utils
 want mkfs.xfs xfsprogs
 want mkfs.ext4 e2fsprogs
 want fusermount3 fuse3
-python3 -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
+# Debian's python3-libnbd lives in the system interpreter (a pyenv python3 may come first).
+py=/usr/bin/python3; [ -x "$py" ] || py=python3
+"$py" -c 'import nbd' >/dev/null 2>&1 || need_pkgs+=(python3-libnbd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing test dependencies: ${need_pkgs[*]}"

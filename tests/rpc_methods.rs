@@ -290,7 +290,10 @@ fn cache_methods() {
     // (the full coverage of options, seq cut-off, detach and attach is in tests/rpc_cache.rs)
     assert_eq!(d.ok("bdev_cache_set_seqcutoff", json!({"name":"c0","policy":"always","threshold":1024})), json!(true));
     d.err("bdev_cache_set_seqcutoff", json!({"name":"nope","policy":"never"}), ENODEV);
-    assert_eq!(d.ok("bdev_cache_set_options", json!({"name":"c0","writeback_percent":10,"io_error_limit":5})), json!(true));
+    assert_eq!(
+        d.ok("bdev_cache_set_options", json!({"name":"c0","writeback_percent":10,"io_error_limit":5})),
+        json!(true)
+    );
     d.err("bdev_cache_set_options", json!({"name":"c0","writeback_percent":101}), INVALID_PARAMS);
     assert_eq!(d.ok("bdev_cache_set_options", json!({"name":"c0","seal_idle_ms":5})), json!(true));
     d.err("bdev_cache_set_options", json!({"name":"c0"}), INVALID_PARAMS);

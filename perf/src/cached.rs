@@ -44,6 +44,8 @@ pub struct CachedSpec {
     pub seq_cutoff: Option<u64>,
     /// `CacheOptions::writeback_free_low_percent` (None: the engine's default).
     pub writeback_low_pct: Option<u32>,
+    /// `CacheOptions::writeback_percent` (None: the engine's default).
+    pub writeback_percent: Option<u32>,
     pub drain: Drain,
 }
 
@@ -68,6 +70,7 @@ impl CachedSpec {
             promote_after: self.promote_after.unwrap_or(d.promote_after),
             seq_cutoff_bytes: self.seq_cutoff.unwrap_or(d.seq_cutoff_bytes),
             writeback_free_low_percent: self.writeback_low_pct.unwrap_or(d.writeback_free_low_percent),
+            writeback_percent: self.writeback_percent.unwrap_or(d.writeback_percent),
             ..d
         }
     }
@@ -147,6 +150,10 @@ pub struct DrainReport {
     /// elapsed time.
     pub secs: f64,
     pub mib_per_s: f64,
+    /// What the devices saw meanwhile (writeback reads, backing writes and flushes, the
+    /// durability rounds' cache flushes and superblock writes).
+    pub cache_dev: DevCounts,
+    pub backing_dev: DevCounts,
 }
 
 /// I/O counts of one device (or one channel of it).
@@ -377,6 +384,11 @@ pub struct CacheReport {
     /// Live (newest-version) blocks in the log after the job: what the cache held.
     pub cached_blocks: u64,
     pub drain: Option<DrainReport>,
+    /// The writeback rate controller's decision at the end of the job (Debug form).
+    pub writeback_decision: String,
+    /// The engine's per-path latency over the job (`CacheSet::latency`, µs: read hit, read
+    /// miss, write, bypass, writeback I/O).
+    pub path_latency_us: serde_json::Value,
 }
 
 /// An open cached target.
@@ -394,7 +406,9 @@ pub struct CachedTarget {
     engine_start: EngineCounters,
     engine_end: Option<EngineCounters>,
     cached_blocks: u64,
-    drain_start: Option<(Instant, u64, DevCounts)>,
+    decision: String,
+    path_latency: serde_json::Value,
+    drain_start: Option<(Instant, u64, DevCounts, DevCounts)>,
     drain: Option<DrainReport>,
 }
 
@@ -476,6 +490,8 @@ impl CachedTarget {
             engine_start: EngineCounters::default(),
             engine_end: None,
             cached_blocks: 0,
+            decision: String::new(),
+            path_latency: serde_json::Value::Null,
             drain_start: None,
             drain: None,
         })
@@ -492,8 +508,11 @@ impl CachedTarget {
     pub fn job_started(&mut self) {
         self.start = Some((self.cache_dev.counts(), self.backing_dev.counts()));
         self.engine_start = EngineCounters::of(&self.set);
+        let set = self.set.clone();
+        let _ = self.set.reactors().block_on(0, move || async move { set.reset_latency().await });
         if self.spec.drain == Drain::During {
-            self.drain_start = Some((Instant::now(), self.set.dirty_blocks(), self.backing_dev.counts()));
+            self.drain_start =
+                Some((Instant::now(), self.set.dirty_blocks(), self.cache_dev.counts(), self.backing_dev.counts()));
             self.set.request_drain();
         }
     }
@@ -503,13 +522,21 @@ impl CachedTarget {
         self.end = Some((self.cache_dev.counts(), self.backing_dev.counts()));
         self.engine_end = Some(EngineCounters::of(&self.set));
         self.cached_blocks = self.live_dirty().0;
-        if let Some((t0, before, b0)) = self.drain_start.take() {
-            self.drain = Some(self.drain_report(Drain::During, t0.elapsed(), before, &b0));
+        self.decision = format!("{:?}", self.set.writeback_rate());
+        let set = self.set.clone();
+        self.path_latency = self
+            .set
+            .reactors()
+            .block_on(0, move || async move { set.latency().await.summary() })
+            .unwrap_or(serde_json::Value::Null);
+        if let Some((t0, before, c0, b0)) = self.drain_start.take() {
+            self.drain = Some(self.drain_report(Drain::During, t0.elapsed(), before, &c0, &b0));
         }
     }
 
-    fn drain_report(&self, when: Drain, took: Duration, before: u64, b0: &DevCounts) -> DrainReport {
+    fn drain_report(&self, when: Drain, took: Duration, before: u64, c0: &DevCounts, b0: &DevCounts) -> DrainReport {
         let b = self.backing_dev.counts().minus(b0);
+        let c = self.cache_dev.counts().minus(c0);
         let bytes = b.write_bytes + b.zero_bytes;
         let secs = took.as_secs_f64();
         DrainReport {
@@ -519,6 +546,8 @@ impl CachedTarget {
             written_back_blocks: bytes / self.set.block_size() as u64,
             secs: round3(secs),
             mib_per_s: if secs > 0.0 { round3(bytes as f64 / secs / (1 << 20) as f64) } else { 0.0 },
+            cache_dev: c,
+            backing_dev: b,
         }
     }
 
@@ -526,7 +555,7 @@ impl CachedTarget {
     /// `limit`) until no dirty block is left.
     pub fn drain_after(&mut self, limit: Duration) -> Result<(), String> {
         let before = self.set.dirty_blocks();
-        let b0 = self.backing_dev.counts();
+        let (c0, b0) = (self.cache_dev.counts(), self.backing_dev.counts());
         let t0 = Instant::now();
         self.set.request_drain();
         while self.set.dirty_blocks() > 0 {
@@ -539,7 +568,7 @@ impl CachedTarget {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        self.drain = Some(self.drain_report(Drain::After, t0.elapsed(), before, &b0));
+        self.drain = Some(self.drain_report(Drain::After, t0.elapsed(), before, &c0, &b0));
         Ok(())
     }
 
@@ -613,6 +642,8 @@ impl CachedTarget {
             engine_hit_pct: engine.hit_pct(),
             cached_blocks: self.cached_blocks,
             drain: self.drain.clone(),
+            writeback_decision: self.decision.clone(),
+            path_latency_us: self.path_latency.clone(),
         })
     }
 

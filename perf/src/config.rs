@@ -300,6 +300,10 @@ struct Cli {
     /// (engine default 25).
     #[arg(long = "writeback-low-pct", value_name = "PCT", requires = "cache")]
     writeback_low_pct: Option<u32>,
+    /// With --cache: the rate controller's target dirty percent (engine default 10; 100
+    /// keeps writeback idle unless the log runs short of space).
+    #[arg(long = "writeback-percent", value_name = "PCT", requires = "cache")]
+    writeback_percent: Option<u32>,
     /// With --cache: after the job, ask for a full writeback (`CacheSet::request_drain`)
     /// and time it until no dirty block is left (`drain` in the report).
     #[arg(long = "drain", requires = "cache", conflicts_with = "drain_during")]
@@ -452,6 +456,7 @@ where
             || cli.promote_after.is_some()
             || cli.seq_cutoff.is_some()
             || cli.writeback_low_pct.is_some()
+            || cli.writeback_percent.is_some()
             || cli.drain
             || cli.drain_during)
     {
@@ -498,6 +503,7 @@ where
                 promote_after: cli.promote_after,
                 seq_cutoff: cli.seq_cutoff,
                 writeback_low_pct: cli.writeback_low_pct,
+                writeback_percent: cli.writeback_percent,
                 drain: if cli.drain {
                     crate::cached::Drain::After
                 } else if cli.drain_during {

@@ -4,13 +4,15 @@
 #   tiercache/cached   tiercache exporting a write-back cached bdev (cache + backing on malloc)
 #   nbdkit/memory      nbdkit -f memory 1G
 #   qemu-nbd/file      qemu-nbd on a raw file on the root filesystem (page cache)
-# Server pinned to core 0, fio to core 1. Workloads: 4K randread / randwrite at QD 32,
+# Server pinned to core 0, fio to core 1. tiercache runs with IDLE_US (default 0): its reactor
+# sleeps in io_uring_enter as soon as it has nothing to do, instead of polling for 1 ms. Workloads: 4K randread / randwrite at QD 32,
 # 128K sequential read / write at QD 32. Each (server, workload) is run RUNS times;
 # reported: median IOPS (min–max) and server CPU per I/O = Δ(utime+stime) of the
 # server process (all threads, /proc/PID/stat) / I/Os completed.
 #
 # Usage: scripts/bench-nbd.sh [RUNTIME_SECONDS=5] [RUNS=3]
-# Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown)
+# Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown),
+#        IDLE_US (0: tiercache reactor idle threshold in µs), SERVERS (the server list)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,7 @@ SERVER_CORE=${SERVER_CORE:-0}
 FIO_CORE=${FIO_CORE:-1}
 SIZE_MIB=${SIZE_MIB:-1024}
 OUT=${OUT:-/tmp/bench-nbd-results.md}
+IDLE_US=${IDLE_US:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-nbdsrv}
 WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
 SERVER_PID=""
@@ -58,14 +61,14 @@ start_server() { # name -> sets SERVER_PID, URI
       # stdin: a fifo nobody writes to, so the server runs until killed.
       mkfifo "$WORK/stdin.$PORT"
       taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
-        --size-mib "$SIZE_MIB" --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
+        --size-mib "$SIZE_MIB" --idle-threshold-us "$IDLE_US" --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
       exec 9>"$WORK/stdin.$PORT"
       URI="nbd://127.0.0.1:$PORT/bench" ;;
     tiercache/cached)
       mkfifo "$WORK/stdin.$PORT"
       taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
-        --size-mib "$SIZE_MIB" --cached --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
+        --size-mib "$SIZE_MIB" --idle-threshold-us "$IDLE_US" --cached --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
       exec 9>"$WORK/stdin.$PORT"
       URI="nbd://127.0.0.1:$PORT/bench" ;;
@@ -108,7 +111,7 @@ EOF
 }
 
 WORKLOADS="randread:4k randwrite:4k read:128k write:128k"
-SERVERS="tiercache/malloc nbdkit/memory qemu-nbd/file tiercache/cached"
+SERVERS=${SERVERS:-"tiercache/malloc nbdkit/memory qemu-nbd/file tiercache/cached"}
 TICK_HZ=$(getconf CLK_TCK)
 : >"$WORK/raw.tsv"
 for s in $SERVERS; do

@@ -55,6 +55,18 @@ const DIRECT_RECV_MIN: usize = 16 << 10;
 /// A closing connection with nothing in flight closes after this long
 /// without receiving anything.
 const CLOSE_QUIET: Duration = Duration::from_millis(20);
+/// Reply coalescing: at most this many replies are gathered per send ...
+const COALESCE_MAX: usize = 16;
+/// ... or this many read payload bytes (large replies gain nothing from waiting) ...
+const COALESCE_BYTES: usize = 64 << 10;
+/// ... and a reply waits at most this long for others to join it.
+const COALESCE_HOLD: Duration = Duration::from_micros(50);
+/// A reader whose client keeps a deep pipeline (coalescing target at least
+/// `RECV_HOLD_MIN_TARGET`) waits this long before each receive.
+const RECV_HOLD: Duration = Duration::from_micros(20);
+const RECV_HOLD_MIN_TARGET: usize = 4;
+/// Admissions per window of the peak in-flight tracking.
+const PEAK_WINDOW: u32 = 1024;
 /// After the final reply, how long to wait for the client to close its end.
 const LINGER: Duration = Duration::from_millis(500);
 
@@ -89,6 +101,8 @@ struct Reply {
 #[derive(Default)]
 struct Out {
     queue: VecDeque<Reply>,
+    /// Read payload bytes in `queue`.
+    bytes: usize,
     writer: Option<Waker>,
 }
 
@@ -108,18 +122,40 @@ struct Conn {
     dead: Cell<bool>,
     /// The reader is done: the writer exits when its queue is empty.
     writer_stop: Cell<bool>,
+    /// Reply coalescing: the deepest in-flight count seen recently, and the current
+    /// window's peak and admissions (see [`Conn::admit`]).
+    peak_in_flight: Cell<usize>,
+    window_peak: Cell<usize>,
+    window_admits: Cell<u32>,
 }
 
 impl Conn {
     fn push(&self, r: Reply) {
         let w = {
             let mut o = self.out.borrow_mut();
+            o.bytes += r.data.as_ref().map_or(0, |d| d.len());
             o.queue.push_back(r);
-            o.writer.take()
+            // While the queue is below the coalescing target the writer only waits for
+            // its hold timer; waking it for each reply would be a wasted poll.
+            if o.queue.len() >= self.coalesce_target() || o.bytes >= COALESCE_BYTES || o.queue.len() == 1 {
+                o.writer.take()
+            } else {
+                None
+            }
         };
         if let Some(w) = w {
             w.wake();
         }
+    }
+
+    /// How many replies the writer gathers before it sends: a quarter of the deepest
+    /// pipeline the client kept recently (at most [`COALESCE_MAX`]), so a client with
+    /// few requests outstanding (queue depth 1–7) is answered at once, and one that
+    /// keeps many outstanding still has three quarters of them to work on while the
+    /// held replies gather. Each send then carries several replies, and the client
+    /// reads several per wake-up instead of sleeping in `poll` once per reply.
+    fn coalesce_target(&self) -> usize {
+        (self.peak_in_flight.get() / 4).clamp(1, COALESCE_MAX)
     }
 
     fn release(&self, n: usize, bytes: usize) {
@@ -132,8 +168,22 @@ impl Conn {
     }
 
     fn admit(&self, cost: usize) {
-        self.in_flight.set(self.in_flight.get() + 1);
+        let n = self.in_flight.get() + 1;
+        self.in_flight.set(n);
         self.in_flight_bytes.set(self.in_flight_bytes.get() + cost);
+        // Peak in-flight count: rises at once, falls to the last window's peak every
+        // PEAK_WINDOW admissions (so a client that lowers its queue depth is followed).
+        let wp = self.window_peak.get().max(n);
+        let admits = self.window_admits.get() + 1;
+        if admits >= PEAK_WINDOW {
+            self.peak_in_flight.set(wp);
+            self.window_peak.set(n);
+            self.window_admits.set(0);
+        } else {
+            self.peak_in_flight.set(self.peak_in_flight.get().max(n));
+            self.window_peak.set(wp);
+            self.window_admits.set(admits);
+        }
     }
 
     fn has_room(&self, cost: usize) -> bool {
@@ -294,18 +344,31 @@ async fn send_all(fd: RawFd, mut buf: IoBuf, len: usize) -> (Result<(), Errno>, 
 async fn writer(conn: Rc<Conn>) {
     let mut sbuf = IoBuf::new(SEND_BUF);
     let mut batch: VecDeque<Reply> = VecDeque::new();
+    let mut hold: Option<Sleep> = None;
     loop {
         let more = poll_fn(|cx| {
             let mut o = conn.out.borrow_mut();
-            if !o.queue.is_empty() {
-                std::mem::swap(&mut o.queue, &mut batch);
-                Poll::Ready(true)
-            } else if conn.writer_stop.get() {
-                Poll::Ready(false)
-            } else {
+            if o.queue.is_empty() {
+                if conn.writer_stop.get() {
+                    return Poll::Ready(false);
+                }
                 o.writer = Some(cx.waker().clone());
-                Poll::Pending
+                return Poll::Pending;
             }
+            // Reply coalescing (see `Conn::coalesce_target`): hold the queue until it is
+            // big enough or the hold timer expires.
+            let full = o.queue.len() >= conn.coalesce_target() || o.bytes >= COALESCE_BYTES;
+            if !full && !conn.writer_stop.get() && !conn.ctl.is_closing() {
+                let h = hold.get_or_insert_with(|| reactor::sleep(COALESCE_HOLD));
+                if Pin::new(h).poll(cx).is_pending() {
+                    o.writer = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+            hold = None;
+            o.bytes = 0;
+            std::mem::swap(&mut o.queue, &mut batch);
+            Poll::Ready(true)
         })
         .await;
         if !more {
@@ -603,6 +666,9 @@ async fn serve(shared: &Arc<Shared>, ctl: &Arc<ConnCtl>) -> Result<(), String> {
         reader: RefCell::new(None),
         dead: Cell::new(false),
         writer_stop: Cell::new(false),
+        peak_in_flight: Cell::new(0),
+        window_peak: Cell::new(0),
+        window_admits: Cell::new(0),
     });
     let writer_task = reactor::spawn(writer(conn.clone()));
     let mut cur = None;
@@ -768,6 +834,12 @@ async fn transmission(
         }
 
         // ---- receive more ----
+        if pending.is_none() && sleep.is_none() && cur.is_none() && conn.coalesce_target() >= RECV_HOLD_MIN_TARGET {
+            // A client keeping a deep pipeline sends its requests one by one; reading each
+            // as it arrives costs a receive (and a poll wake-up) per request. Let a few
+            // gather first. The held replies bound how long the client can be starved.
+            reactor::sleep(RECV_HOLD).await;
+        }
         if pending.is_none() {
             let direct =
                 cur.as_ref().is_some_and(|w| !w.discard && w.buf.is_some() && w.remaining() >= DIRECT_RECV_MIN);

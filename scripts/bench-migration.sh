@@ -249,7 +249,7 @@ for key, label in [("rate", "rate controller, default knobs"), ("wb", "drain (un
         ratio = med(hw) / med(hi)
         print(f"| … read **hits** only (engine path histogram), p99 µs: {label} | {fmt(hw)} | writeback idle {fmt(hi)} | {ratio:.2f}× | |")
     miss = [d["cache"]["engine"]["read_misses"] / max(1, d["total"]["reads"]) * 100 for d in rw]
-    print(f"| … reads that missed (writeback reclaimed their segment), %: {label} | {fmt(miss, 1)} | writeback idle {fmt([d['cache']['engine']['read_misses'] / max(1, d['total']['reads']) * 100 for d in ri], 1)} | | |")
+    print(f"| … reads that missed, %: {label} | {fmt(miss, 1)} | writeback idle {fmt([d['cache']['engine']['read_misses'] / max(1, d['total']['reads']) * 100 for d in ri], 1)} | | |")
     for r, a, b in zip(R, ri, rw):
         wb = b["cache"]["counters"]["writeback_blocks"]
         notes.append(f"read {key} run {r}: idle {a['total']['iops']:,.0f} IOPS avg {p(a,'avg')} p50 {p(a,'p50')} p99 {p(a,'p99')} µs (hits {a['cache']['engine']['read_hits']:,}, misses {a['cache']['engine']['read_misses']}, written back {a['cache']['counters']['writeback_blocks']}); "

@@ -228,21 +228,24 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         }
         return Ok(false);
     }
-    // 1.
+    // 1. The whole batch in one pass: one LBA-sorted stream of runs, one flush per
+    //    backing device at the end (not one per segment).
+    let mut part = set.index.register();
+    let mut dirty = Vec::new();
     for &(_, seg) in &batch {
-        let mut part = set.index.register();
-        let dirty = set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?;
-        part.offline();
-        if !dirty.is_empty() {
-            let written = write_back(set, dirty)?;
-            part.online();
-            for d in &written {
-                set.index.mark_clean(&part, d.slot, d.gen);
-            }
-            part.offline();
-            set.counters.writeback_blocks.fetch_add(written.len() as u64, Ordering::Relaxed);
-        }
+        dirty.extend(set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?);
     }
+    part.offline();
+    if !dirty.is_empty() {
+        let written = write_back(set, dirty)?;
+        part.online();
+        for d in &written {
+            set.index.mark_clean(&part, d.slot, d.gen);
+        }
+        part.offline();
+        set.counters.writeback_blocks.fetch_add(written.len() as u64, Ordering::Relaxed);
+    }
+    drop(part);
     let last = batch.last().map(|b| b.0).unwrap_or(0);
     // Everything up to `last` must be clean: an older segment still open on some reactor
     // would otherwise be taken for written back at replay.
@@ -438,15 +441,32 @@ async fn write_run(
         let res = if part[0].zero {
             bch.write_zeroes(off, len as u64).await.status
         } else {
+            // Blocks written in order sit in consecutive slots of a segment: read each such
+            // stretch with one I/O.
             let mut data = IoBuf::new(len);
-            let reads = part.iter().map(|d| cache_ch.read(set.geom.slot_id_offset(d.slot), IoBuf::new(bs)));
-            for (k, c) in join_all(reads).await.into_iter().enumerate() {
+            let mut spans: Vec<(usize, usize)> = Vec::new(); // (first index in part, count)
+            for k in 0..part.len() {
+                match spans.last_mut() {
+                    Some((first, n))
+                        if part[k].slot.0 == part[*first].slot.0 + *n as u32
+                            && set.geom.slot_location(part[k].slot).0
+                                == set.geom.slot_location(part[*first].slot).0 =>
+                    {
+                        *n += 1
+                    }
+                    _ => spans.push((k, 1)),
+                }
+            }
+            let reads = spans
+                .iter()
+                .map(|&(first, n)| cache_ch.read(set.geom.slot_id_offset(part[first].slot), IoBuf::new(n * bs)));
+            for (&(first, n), c) in spans.iter().zip(join_all(reads).await) {
                 if let Err(e) = c.status {
                     set.note_cache_error(e, "writeback read");
                     return Err(e);
                 }
                 let b = c.buf.ok_or(Errno::EIO)?;
-                data[k * bs..(k + 1) * bs].copy_from_slice(&b);
+                data[first * bs..(first + n) * bs].copy_from_slice(&b[..n * bs]);
             }
             bch.write(off, data, false).await.status
         };

@@ -179,6 +179,9 @@ fn migration_main(set: Arc<CacheSet>) {
 
 /// Segments written back per durability round.
 const BATCH_SEGMENTS: usize = 4;
+/// Segments per round while draining (flush, detach, mode switch): fewer durability rounds
+/// and superblock writes, more runs in flight.
+const DRAIN_BATCH_SEGMENTS: usize = 32;
 /// Writeback runs in flight at once.
 const WRITEBACK_WINDOW: usize = 64;
 
@@ -212,7 +215,7 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         sealed
             .range(wb + 1..)
             .take_while(|(_, s)| s.written)
-            .take(BATCH_SEGMENTS)
+            .take(if drain { DRAIN_BATCH_SEGMENTS } else { BATCH_SEGMENTS })
             .map(|(seq, s)| (*seq, s.seg))
             .collect()
     };

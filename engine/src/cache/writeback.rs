@@ -203,7 +203,10 @@ fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<b
     if set.free.len() < set.low_watermark() && reclaim(set, reclaimer)? {
         return Ok(true);
     }
-    write_back_batch(set, drain)
+    // Under space pressure, big rounds too: small segments (FLUSH-heavy loads seal them
+    // early) would otherwise cost a durability round and a superblock write per few blocks.
+    let urgent = drain || set.free.len() < set.low_watermark();
+    write_back_batch(set, urgent)
 }
 
 /// Write back the oldest segments not yet written back (steps 1–3). Ok(false): nothing to
@@ -279,7 +282,7 @@ fn reclaim(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer) -> Result<bool, Errno
     let wb = set.superblock().writeback_seq;
     let batch: Vec<(u64, SegmentId)> = {
         let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.range(..=wb).take(BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
+        sealed.range(..=wb).take(DRAIN_BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
     };
     let Some(&(last, _)) = batch.last() else { return Ok(false) };
     let s = set.clone();

@@ -158,7 +158,13 @@ fn reactors(core: Option<usize>) -> Result<ReactorSet, String> {
 }
 
 fn opts(segment_kib: u32) -> CacheOptions {
-    CacheOptions { segment_size: segment_kib << 10, writeback_free_low_percent: 1, ..CacheOptions::default() }
+    // No writeback while filling: the rate controller stays idle up to 100% dirty.
+    CacheOptions {
+        segment_size: segment_kib << 10,
+        writeback_free_low_percent: 1,
+        writeback_percent: 100,
+        ..CacheOptions::default()
+    }
 }
 
 /// splitmix64, for per-task seeds.

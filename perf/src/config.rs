@@ -134,6 +134,13 @@ pub enum TargetSpec {
     },
     /// A cache set on one file in front of another (see [`crate::cached`]).
     Cached(Box<crate::cached::CachedSpec>),
+    /// The bdevs of an SPDK-style JSON config (`{"subsystems":[{"subsystem":"bdev",...}]}`),
+    /// as `tiercache serve --config` takes it; the run goes to `bdev` (default: the last
+    /// bdev the config creates).
+    Config {
+        path: PathBuf,
+        bdev: Option<String>,
+    },
 }
 
 /// A full run as asked on the command line.
@@ -229,6 +236,13 @@ struct Cli {
     /// Target: a file or block device through io_uring.
     #[arg(long, value_name = "FILE", group = "target")]
     uring: Option<PathBuf>,
+    /// Target: the bdevs of a JSON config (the daemon's format; malloc, null, uring, delay and
+    /// error bdevs); the run goes to --bdev NAME, or the last bdev it creates.
+    #[arg(long, value_name = "FILE", group = "target")]
+    config: Option<PathBuf>,
+    /// With --config: the bdev to run on.
+    #[arg(long, value_name = "NAME", requires = "config")]
+    bdev: Option<String>,
     /// Target: a cache set on CACHE_FILE (uring) in front of --backing; the run goes to the
     /// cached bdev. Loads the set unless --cache-format is given.
     #[arg(long, value_name = "CACHE_FILE", group = "target", requires = "backing")]
@@ -465,7 +479,10 @@ where
                 .into(),
         ));
     }
-    let target = match (cli.null, cli.malloc, cli.uring, cli.cache) {
+    let target = if let Some(path) = cli.config {
+        TargetSpec::Config { path, bdev: cli.bdev }
+    } else {
+        match (cli.null, cli.malloc, cli.uring, cli.cache) {
         (Some(size), None, None, None) => TargetSpec::Null { size, block_size: block_size.unwrap_or(4096) },
         (None, Some(size), None, None) => TargetSpec::Malloc { size, block_size: block_size.unwrap_or(4096) },
         (None, None, Some(path), None) => TargetSpec::Uring { path, block_size },
@@ -515,9 +532,11 @@ where
         }
         _ => {
             return Err(invalid(
-                "a target is required: --null SIZE, --malloc SIZE, --uring FILE or --cache FILE --backing FILE".into(),
+                "a target is required: --null SIZE, --malloc SIZE, --uring FILE, --cache FILE --backing FILE or --config FILE"
+                    .into(),
             ))
         }
+    }
     };
     if let TargetSpec::Null { size, block_size } | TargetSpec::Malloc { size, block_size } = &target {
         if size % *block_size as u64 != 0 {

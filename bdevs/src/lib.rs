@@ -29,7 +29,7 @@ pub mod malloc;
 pub mod null;
 pub mod uring;
 
-use tiercache_engine::bdev::{BdevInfo, IoRequest, IoType};
+use tiercache_engine::bdev::{BdevInfo, IoRequest};
 use tiercache_engine::Errno;
 
 /// Re-check the parts of a request a channel relies on (geometry and buffer). The engine's
@@ -37,27 +37,9 @@ use tiercache_engine::Errno;
 /// slipped through (a stacked bdev forwarding a wrong one, a direct caller): EINVAL, never
 /// a panic.
 pub fn check_request(info: &BdevInfo, req: &IoRequest) -> Result<(), Errno> {
-    if !info.io_types.contains(req.io_type) {
-        return Err(Errno::ENOTSUP);
-    }
-    if req.io_type == IoType::Flush {
-        return Ok(());
-    }
-    let bs = info.block_size as u64;
-    if bs == 0 || req.len == 0 || !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
-        return Err(Errno::EINVAL);
-    }
-    let end = req.offset.checked_add(req.len).ok_or(Errno::EINVAL)?;
-    if end > info.size_bytes() {
-        return Err(Errno::EINVAL);
-    }
-    if matches!(req.io_type, IoType::Read | IoType::Write) {
-        match &req.buf {
-            Some(b) if b.len() as u64 == req.len => {}
-            _ => return Err(Errno::EINVAL),
-        }
-    }
-    Ok(())
+    // The engine's own validation (the one every IoChannel applies), with every reason
+    // other than an unsupported type reported as EINVAL at this level.
+    tiercache_engine::bdev::validate(info, req).map_err(|e| if e == Errno::ENOTSUP { e } else { Errno::EINVAL })
 }
 
 /// Bytes of a bdev of `num_blocks` blocks of `block_size`, or EINVAL when the geometry is

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-pub use channel::{ChannelIo, IoChannel, IoStats};
+pub use channel::{validate, ChannelIo, IoChannel, IoStats};
 pub use registry::{BdevDesc, BdevRegistry};
 
 use crate::dma::IoBuf;

@@ -279,7 +279,8 @@ impl Inner {
         }
         if let Some(fg) = set.fg.get(self.log.reactor()) {
             let is_read = matches!(path, IoPath::ReadHit | IoPath::ReadMiss);
-            let at = set.created.elapsed().as_nanos() as u64;
+            // Derived from the two clock reads already taken (no third one per I/O).
+            let at = (started.saturating_duration_since(set.created) + now).as_nanos() as u64;
             fg.record(at, is_read.then_some(now.as_nanos() as u64));
         }
         c

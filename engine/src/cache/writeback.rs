@@ -234,6 +234,14 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         }
         return Ok(false);
     }
+    // 0. The batch must be durable on the cache device before any of it is written to a
+    //    backing device: a backing write torn by a power cut is only harmless if the cache
+    //    still holds the block's version after the cut (found by the crash harness: a
+    //    segment written but not yet flushed was lost while its writeback tore the block).
+    let s = set.clone();
+    set.reactors
+        .block_on(set.migration_reactor(), move || async move { s.cache.channel()?.flush().await.status })
+        .map_err(|_| Errno::ESHUTDOWN)??;
     // 1. The whole batch in one pass: one LBA-sorted stream of runs, one flush per
     //    backing device at the end (not one per segment).
     let mut part = set.index.register();

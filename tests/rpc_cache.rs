@@ -171,6 +171,7 @@ fn options_seqcutoff_stats_and_errors() {
         "promotions",
         "promotions_stale",
         "seq_bypasses",
+        "full_bypasses",
     ] {
         assert!(st["counters"][k].is_u64(), "counter {k} missing: {st}");
     }

@@ -24,6 +24,7 @@ fn block(lba: u64, v: u64) -> Vec<u8> {
 
 struct Rig {
     rs: ReactorSet,
+    backing: Arc<SimDisk>,
     set: Arc<CacheSet>,
     cb: Arc<CachedBdev>,
     desc: BdevDesc,
@@ -32,14 +33,16 @@ struct Rig {
 fn rig(mode: CacheMode, opts: CacheOptions, backing_mib: u64) -> Rig {
     let rs = ReactorSet::start(ReactorConfig::unpinned(2)).unwrap();
     let (rs2, o) = (rs.clone(), opts);
+    let backing = SimDisk::new("b", 512, backing_mib << 11);
+    let bd = BdevDesc::new(backing.clone());
     let cb = rs
         .block_on(0, move || async move {
             let set = cache::format("p", BdevDesc::new(SimDisk::new("c", 512, 8 << 11)), rs2, o).await.unwrap();
-            let b = set.attach(BdevDesc::new(SimDisk::new("b", 512, backing_mib << 11)), mode).await.unwrap();
+            let b = set.attach(bd, mode).await.unwrap();
             CachedBdev::new("v", set, b)
         })
         .unwrap();
-    Rig { rs, set: cb.cache_set().clone(), desc: BdevDesc::new(cb.clone()), cb }
+    Rig { rs, backing, set: cb.cache_set().clone(), desc: BdevDesc::new(cb.clone()), cb }
 }
 
 impl Rig {
@@ -209,5 +212,44 @@ fn leaving_writeback_drains_dirty_data_and_keeps_serving_it() {
         assert!(t.elapsed() < Duration::from_secs(20), "no drain after leaving writeback");
         std::thread::sleep(Duration::from_millis(10));
     }
+    r.done();
+}
+
+#[test]
+fn with_the_log_full_uncached_writes_go_to_the_backing_device_and_flush_covers_them() {
+    // 8 MiB cache of 128 KiB segments (~60 segments of 31 blocks); writeback stopped so the
+    // log stays full of dirty data.
+    let r = rig(CacheMode::WriteBack, CacheOptions { seq_cutoff_bytes: 0, ..opts() }, 64);
+    r.set.stop_migration();
+    let mut lba = 0;
+    while r.set.free_segments() > 0 {
+        r.write(0, lba, 1);
+        lba += 1;
+        assert!(lba < 4096, "the log never filled");
+    }
+    // Fill the open segment too, until a write would wait.
+    let bypasses = || r.set.counters.full_bypasses.load(Ordering::Relaxed);
+    let waits = r.set.counters.space_waits.load(Ordering::Relaxed);
+    let first_new = lba;
+    while bypasses() == 0 {
+        r.write(0, lba, 2);
+        lba += 1;
+        assert!(lba < first_new + 64, "no write bypassed a full log");
+    }
+    for l in lba..lba + 100 {
+        r.write(0, l, 3);
+    }
+    assert!(bypasses() >= 100, "uncached writes to a full log must bypass it: {}", bypasses());
+    assert_eq!(r.set.counters.space_waits.load(Ordering::Relaxed), waits, "a bypassing write waited for space");
+    for l in lba..lba + 100 {
+        assert_eq!(r.read(1, l, 1), block(l, 3));
+    }
+    // Cached blocks keep being served from the cache (their newest version).
+    assert_eq!(r.read(1, 0, 1), block(0, 1));
+    // A FLUSH covers the bypassed writes: it flushes the backing device.
+    assert!(r.backing.unflushed() >= 100, "the bypassed writes are volatile until a FLUSH");
+    let d = r.desc.clone();
+    r.rs.block_on(0, move || async move { d.channel().unwrap().flush().await.status }).unwrap().unwrap();
+    assert_eq!(r.backing.unflushed(), 0, "FLUSH left bypassed writes volatile on the backing device");
     r.done();
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tiercache_bdevs::delay::{DelayBdev, DelayLatencies};
+use tiercache_bdevs::malloc::MallocBdev;
 use tiercache_bdevs::uring::UringBdev;
 use tiercache_engine::bdev::{Bdev, BdevChannel, BdevDesc, BdevInfo, IoFuture, IoRequest, IoType};
 use tiercache_engine::cache::index::SegmentId;
@@ -46,6 +47,8 @@ pub struct CachedSpec {
     pub writeback_low_pct: Option<u32>,
     /// `CacheOptions::writeback_percent` (None: the engine's default).
     pub writeback_percent: Option<u32>,
+    /// An extra reactor on this core runs writeback and reclaim (no job I/O).
+    pub migration_core: Option<usize>,
     pub drain: Drain,
 }
 
@@ -61,8 +64,19 @@ pub enum Drain {
 }
 
 impl CachedSpec {
-    /// The set's options for this spec.
-    pub fn options(&self) -> CacheOptions {
+    /// `--cache malloc:SIZE`: the cache device is a RAM bdev of SIZE bytes (None: a file).
+    pub fn cache_malloc_bytes(&self) -> Result<Option<u64>, String> {
+        let Some(size) = self.cache_path.to_str().and_then(|p| p.strip_prefix("malloc:")) else { return Ok(None) };
+        let bytes = crate::size::parse_size(size).map_err(|e| format!("--cache malloc:SIZE: {e}"))?;
+        if bytes == 0 || bytes % self.block_size as u64 != 0 {
+            return Err(format!("--cache malloc:{size}: the size must be a non-zero multiple of {}", self.block_size));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The set's options for this spec; `job_reactors` run the job (a migration reactor,
+    /// if any, comes after them).
+    pub fn options(&self, job_reactors: usize) -> CacheOptions {
         let d = CacheOptions::default();
         CacheOptions {
             segment_size: self.segment_size,
@@ -71,6 +85,7 @@ impl CachedSpec {
             seq_cutoff_bytes: self.seq_cutoff.unwrap_or(d.seq_cutoff_bytes),
             writeback_free_low_percent: self.writeback_low_pct.unwrap_or(d.writeback_free_low_percent),
             writeback_percent: self.writeback_percent.unwrap_or(d.writeback_percent),
+            migration_reactor: self.migration_core.map(|_| job_reactors),
             ..d
         }
     }
@@ -86,6 +101,7 @@ pub struct EngineCounters {
     pub promotions: u64,
     pub promotions_stale: u64,
     pub seq_bypasses: u64,
+    pub full_bypasses: u64,
     pub write_blocks: u64,
     pub segments_written: u64,
     pub writeback_blocks: u64,
@@ -105,6 +121,7 @@ impl EngineCounters {
             promotions: g(&c.promotions),
             promotions_stale: g(&c.promotions_stale),
             seq_bypasses: g(&c.seq_bypasses),
+            full_bypasses: g(&c.full_bypasses),
             write_blocks: g(&c.write_blocks),
             segments_written: g(&c.segments_written),
             writeback_blocks: g(&c.writeback_blocks),
@@ -122,6 +139,7 @@ impl EngineCounters {
             promotions: self.promotions - b.promotions,
             promotions_stale: self.promotions_stale - b.promotions_stale,
             seq_bypasses: self.seq_bypasses - b.seq_bypasses,
+            full_bypasses: self.full_bypasses - b.full_bypasses,
             write_blocks: self.write_blocks - b.write_blocks,
             segments_written: self.segments_written - b.segments_written,
             writeback_blocks: self.writeback_blocks - b.writeback_blocks,
@@ -421,8 +439,14 @@ impl CachedTarget {
     /// Open both files, stack the delay bdev, format or load the set on reactor 0 and attach
     /// the backing device.
     pub fn open(spec: &CachedSpec, reactors: &ReactorSet, seed: u64) -> Result<CachedTarget, String> {
-        let cache_file: Arc<dyn Bdev> = UringBdev::create("perf-cache0", &spec.cache_path, None)
-            .map_err(|e| format!("cannot open {} as a uring bdev: {e}", spec.cache_path.display()))?;
+        let cache_file: Arc<dyn Bdev> = match spec.cache_malloc_bytes()? {
+            // A RAM cache device: a fast device apart from the backing one (as NVMe in
+            // front of an HDD), so writeback is measured against the backing device alone.
+            Some(bytes) => MallocBdev::create("perf-cache0", bytes / spec.block_size as u64, spec.block_size)
+                .map_err(|e| format!("cannot create a {bytes}-byte malloc cache device: {e}"))?,
+            None => UringBdev::create("perf-cache0", &spec.cache_path, None)
+                .map_err(|e| format!("cannot open {} as a uring bdev: {e}", spec.cache_path.display()))?,
+        };
         let backing_file: Arc<dyn Bdev> = UringBdev::create("perf-backing0", &spec.backing_path, None)
             .map_err(|e| format!("cannot open {} as a uring bdev: {e}", spec.backing_path.display()))?;
         let backing: Arc<dyn Bdev> = match spec.backing_delay_us {
@@ -435,7 +459,7 @@ impl CachedTarget {
         };
         let cache_dev = CountingBdev::new(cache_file.clone());
         let backing_dev = CountingBdev::new(backing);
-        let opts = spec.options();
+        let opts = spec.options(reactors.len() - usize::from(spec.migration_core.is_some()));
         let (format, mode) = (spec.format, spec.mode);
         let rs = reactors.clone();
         let (cdesc, bdesc) = (BdevDesc::new(cache_dev.clone()), BdevDesc::new(backing_dev.clone()));

@@ -244,7 +244,8 @@ struct Cli {
     #[arg(long, value_name = "NAME", requires = "config")]
     bdev: Option<String>,
     /// Target: a cache set on CACHE_FILE (uring) in front of --backing; the run goes to the
-    /// cached bdev. Loads the set unless --cache-format is given.
+    /// cached bdev. Loads the set unless --cache-format is given. `malloc:SIZE` puts the
+    /// cache on a RAM device instead (give --cache-format: it starts empty).
     #[arg(long, value_name = "CACHE_FILE", group = "target", requires = "backing")]
     cache: Option<PathBuf>,
     /// With --cache: the backing (slow) device's file.
@@ -326,6 +327,10 @@ struct Cli {
     /// job's I/O (`drain` in the report says how much was written back meanwhile).
     #[arg(long = "drain-during", requires = "cache")]
     drain_during: bool,
+    /// With --cache: one more reactor, pinned to CORE, that runs the set's writeback and
+    /// reclaim I/O and no job I/O (the engine default is the last job reactor).
+    #[arg(long = "migration-core", value_name = "CORE", requires = "cache")]
+    migration_core: Option<usize>,
     /// Start the reactors idle (no busy-poll), sleep SECS, report the CPU they used.
     #[arg(long = "idle-check", value_name = "SECS", value_parser = parse_seconds)]
     idle_check: Option<f64>,
@@ -472,7 +477,8 @@ where
             || cli.writeback_low_pct.is_some()
             || cli.writeback_percent.is_some()
             || cli.drain
-            || cli.drain_during)
+            || cli.drain_during
+            || cli.migration_core.is_some())
     {
         return Err(invalid(
             "--backing, --backing-delay-us, --cache-format, --segment-size, --cache-mode and the cache policy options apply only with --cache"
@@ -521,6 +527,7 @@ where
                 seq_cutoff: cli.seq_cutoff,
                 writeback_low_pct: cli.writeback_low_pct,
                 writeback_percent: cli.writeback_percent,
+                migration_core: cli.migration_core,
                 drain: if cli.drain {
                     crate::cached::Drain::After
                 } else if cli.drain_during {

@@ -509,7 +509,9 @@ pub fn run_job(
     mut progress: Option<&mut dyn Write>,
     stop: Arc<AtomicBool>,
 ) -> Result<JobOutcome, String> {
-    let n = set.len();
+    // One job per entry of `cores`; reactors past them (a migration reactor) run none.
+    let n = cores.len().min(set.len());
+    debug_assert!(n > 0, "a job needs at least one reactor");
     let num_slots = check_geometry(cfg, bdev.as_ref(), n)?;
     let zipf = match cfg.zipf_theta {
         Some(theta) if cfg.workload.is_random() => Some(ZipfOffsets::new(num_slots, theta)?),

@@ -43,10 +43,23 @@ pub fn start_reactors(
     idle_threshold: Option<std::time::Duration>,
     queue_depth: u32,
 ) -> Result<ReactorSet, String> {
+    start_reactors_with(cores, busy_poll, Vec::new(), idle_threshold, queue_depth)
+}
+
+/// [`start_reactors`], where the reactors in `idle_sleepers` (background work only) sleep
+/// when idle even under busy-poll.
+pub fn start_reactors_with(
+    cores: &[Option<usize>],
+    busy_poll: bool,
+    idle_sleepers: Vec<usize>,
+    idle_threshold: Option<std::time::Duration>,
+    queue_depth: u32,
+) -> Result<ReactorSet, String> {
     let base = ReactorConfig::default();
     let cfg = ReactorConfig {
         cores: cores.to_vec(),
         busy_poll,
+        idle_sleepers,
         idle_threshold: idle_threshold.unwrap_or(base.idle_threshold),
         ring_entries: base.ring_entries.max(queue_depth.next_power_of_two()),
         name: "perf-reactor".into(),
@@ -97,7 +110,13 @@ fn run_cached(
 ) -> Result<Report, String> {
     let cores: Vec<Option<usize>> = opts.cores.iter().map(|&c| Some(c)).collect();
     let config = report::ConfigEcho::new(&opts.job, &cores, opts.busy_poll);
-    let set = start_reactors(&cores, opts.busy_poll, opts.idle_threshold, opts.job.queue_depth)?;
+    // The job runs on `cores`; a migration core adds one reactor after them.
+    let mut all_cores = cores.clone();
+    all_cores.extend(spec.migration_core.map(Some));
+    // The migration reactor sleeps when idle: it shares its core with the threads that
+    // drive it (the migration thread's requests arrive through its inbox).
+    let sleepers = spec.migration_core.map(|_| vec![cores.len()]).unwrap_or_default();
+    let set = start_reactors_with(&all_cores, opts.busy_poll, sleepers, opts.idle_threshold, opts.job.queue_depth)?;
     let mut tgt = match cached::CachedTarget::open(spec, &set, opts.job.seed) {
         Ok(t) => t,
         Err(e) => {

@@ -612,6 +612,7 @@ pub fn counters(set: &CacheSet) -> Vec<(&'static str, u64)> {
         promotions,
         promotions_stale,
         seq_bypasses,
+        full_bypasses,
     } = &set.counters;
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     vec![
@@ -631,6 +632,7 @@ pub fn counters(set: &CacheSet) -> Vec<(&'static str, u64)> {
         ("promotions", g(promotions)),
         ("promotions_stale", g(promotions_stale)),
         ("seq_bypasses", g(seq_bypasses)),
+        ("full_bypasses", g(full_bypasses)),
     ]
 }
 

@@ -192,12 +192,40 @@ impl Inner {
     /// accounting.
     async fn backing_io(&self, mut req: IoRequest) -> IoCompletion {
         req.offset += self.backing.data_offset;
+        let writes = matches!(req.io_type, IoType::Write | IoType::WriteZeroes | IoType::Unmap);
         let c = self.backing_ch.submit(req).await;
         match c.status {
-            Ok(()) => self.backing.note_success(),
+            Ok(()) => {
+                self.backing.note_success();
+                if writes {
+                    self.backing.direct.note_completed();
+                }
+            }
             Err(e) => self.backing.note_error(self.set(), e),
         }
         c
+    }
+
+    /// Whether a write of `len` bytes at `offset` would wait for log space and none of its
+    /// blocks is cached (a cached block must get its new version through the log, so
+    /// that no older version survives it).
+    fn log_full_and_uncached(&self, offset: u64, len: u64) -> bool {
+        let bs = self.bs();
+        let n = len / bs;
+        if self.log.has_room(n as usize) {
+            return false;
+        }
+        let lba0 = offset / bs;
+        (lba0..lba0 + n).all(|lba| CacheSet::key(self.backing.idx, lba).is_some_and(|k| self.log.lookup(k).is_none()))
+    }
+
+    /// Whether any of `n` blocks from `lba0` is cached dirty. A direct write over such a
+    /// block must be durable on the backing device before the tombstone that invalidates
+    /// the cached version can be: otherwise a power cut could leave the tombstone and the
+    /// backing device's older data, i.e. lose a write that a completed FLUSH covered.
+    fn any_dirty(&self, lba0: u64, n: u64) -> bool {
+        (lba0..lba0 + n)
+            .any(|lba| CacheSet::key(self.backing.idx, lba).and_then(|k| self.log.lookup(k)).is_some_and(|h| h.dirty))
     }
 
     /// Claim [offset, offset+len) of the backing device for a direct write: in-flight
@@ -329,6 +357,14 @@ impl Inner {
     // ---- writes ---------------------------------------------------------------------
 
     async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoCompletion {
+        if self.backing.mode() == CacheMode::WriteBack && self.log_full_and_uncached(offset, buf.len() as u64) {
+            // The log is full of dirty data: a block the cache does not hold goes straight
+            // to the backing device instead of waiting for writeback (what keeps writes at
+            // backing-device speed or better when the cache is 100% dirty).
+            self.set().counters.full_bypasses.fetch_add(1, Ordering::Relaxed);
+            let r = self.write_around(offset, buf, fua).await;
+            return IoCompletion { status: r.0, buf: r.1 };
+        }
         let status = match self.backing.mode() {
             CacheMode::WriteBack => match self.write_back(offset, &buf, fua).await {
                 Err(_) if self.set().is_failed() => {
@@ -376,6 +412,10 @@ impl Inner {
     async fn write_through(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Errno> {
         let bs = self.bs() as usize;
         let _range = self.claim_direct(offset, buf.len() as u64).await?;
+        // A dirty cached version is about to be superseded by a clean one: the backing
+        // device must hold the new data durably first (see `any_dirty`).
+        let fua_asked = fua;
+        let fua = fua || self.any_dirty(offset / bs as u64, (buf.len() / bs) as u64);
         let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         c.status?;
         let buf = c.buf.ok_or(Errno::EIO)?;
@@ -389,8 +429,20 @@ impl Inner {
                     let _ = self.log.put_block(key, None, EntryKind::Tombstone).await;
                 }
             }
+            if fua_asked {
+                self.log_records_durable().await?;
+            }
         }
         Ok(buf)
+    }
+
+    /// After a FUA write that went to the backing device: the records it put in the log
+    /// (clean copies, tombstones) must be durable too before it completes, or a power cut
+    /// would let replay serve the older cached version over the FUA data (crash harness,
+    /// mode switches).
+    async fn log_records_durable(&self) -> Result<(), Errno> {
+        self.log.seal_and_wait(true).await?;
+        self.log.cache_ch.flush().await.status
     }
 
     /// Backing device only; cached copies of the range are invalidated by tombstones.
@@ -401,21 +453,31 @@ impl Inner {
             Ok(g) => g,
             Err(e) => return (Err(e), Some(buf)),
         };
+        // The claim keeps writeback off the range, so no block turns clean under us.
+        let fua_asked = fua;
+        let fua = fua || self.any_dirty(offset / bs, n);
         let c = self.backing_io(IoRequest::write(offset, buf, fua)).await;
         if let Err(e) = c.status {
             return (Err(e), c.buf);
         }
-        (self.invalidate(offset / bs, n).await, c.buf)
+        let r = match self.invalidate(offset / bs, n).await {
+            Ok(placed) if placed > 0 && fua_asked => self.log_records_durable().await,
+            r => r.map(drop),
+        };
+        (r, c.buf)
     }
 
-    async fn invalidate(&self, lba0: u64, n: u64) -> Result<(), Errno> {
+    /// Tombstones for the cached blocks among `n` from `lba0`; returns how many it placed.
+    async fn invalidate(&self, lba0: u64, n: u64) -> Result<u64, Errno> {
+        let mut placed = 0;
         for lba in lba0..lba0 + n {
             let key = CacheSet::key(self.backing.idx, lba).ok_or(Errno::EINVAL)?;
             if self.log.lookup(key).is_some() {
                 self.log.put_block(key, None, EntryKind::Tombstone).await?;
+                placed += 1;
             }
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// Unmap and write-zeroes: the range reads as zeros afterwards.
@@ -432,8 +494,13 @@ impl Inner {
             }
             _ => {
                 let _range = self.claim_direct(offset, len).await?;
+                let dirty = self.any_dirty(lba0, n);
                 self.backing_io(IoRequest::write_zeroes(offset, len)).await.status?;
-                self.invalidate(lba0, n).await
+                if dirty {
+                    // Zeroes durable before the tombstones (see `any_dirty`).
+                    self.flush_backing().await?;
+                }
+                self.invalidate(lba0, n).await.map(drop)
             }
         }
     }
@@ -442,8 +509,16 @@ impl Inner {
         let set = self.set();
         set.counters.flushes.fetch_add(1, Ordering::Relaxed);
         set.make_durable().await?;
-        if self.backing.mode() != CacheMode::WriteBack {
+        // Writes that went around the log (any mode) are covered by flushing the backing
+        // device; writeback flushes it itself before it marks blocks clean.
+        self.flush_backing().await
+    }
+
+    /// Flush the backing device if a direct write completed since the last backing flush.
+    async fn flush_backing(&self) -> Result<(), Errno> {
+        if let Some(covered) = self.backing.direct.flush_needed() {
             self.backing_io(IoRequest::flush()).await.status?;
+            self.backing.direct.note_flushed(covered);
         }
         Ok(())
     }

@@ -306,6 +306,15 @@ impl ReactorLog {
         self.place(key, Some(data), EntryKind::Clean, Some(ticket)).await
     }
 
+    /// Whether `n` more blocks fit without waiting for a free segment (the open segment
+    /// has room, or a free segment exists). A racy hint: another reactor may take the last
+    /// free segment first, and then the write waits as usual.
+    pub(crate) fn has_room(&self, n: usize) -> bool {
+        let slots = self.set.geom.slots_per_segment() as usize;
+        let open_room = self.open.borrow().as_ref().map_or(0, |ob| slots - ob.records.len());
+        open_room >= n || !self.set.free.is_empty()
+    }
+
     pub(crate) fn promotion_ticket(&self, key: BlockKey) -> PromotionTicket {
         self.with_participant(|p| self.set.index.promotion_ticket(p, key))
     }

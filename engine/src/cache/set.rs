@@ -218,6 +218,39 @@ pub struct Backing {
     pub(crate) state: super::failure::StateCell,
     pub(crate) errors: super::failure::ErrorCounter,
     pub(crate) offline_since: Mutex<Option<Instant>>,
+    /// Writes that went straight to this device, for the FLUSHes that must cover them.
+    pub(crate) direct: DirectWrites,
+}
+
+/// Writes that went straight to a backing device (writethrough, writearound, sequential
+/// and full-log bypasses) and the FLUSHes that must cover them. Generation numbers, not a
+/// flag: a FLUSH that finds the last completed backing flush covering every direct write
+/// completed before it may skip its own; a flag cleared by a concurrent FLUSH whose backing
+/// flush is still running would let a second FLUSH complete too early.
+#[derive(Default)]
+pub(crate) struct DirectWrites {
+    /// Direct writes completed so far.
+    completed: AtomicU64,
+    /// The `completed` count covered by the newest completed backing flush.
+    flushed: AtomicU64,
+}
+
+impl DirectWrites {
+    pub(crate) fn note_completed(&self) {
+        self.completed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The count a FLUSH issued now must cover, if the backing device needs a flush.
+    pub(crate) fn flush_needed(&self) -> Option<u64> {
+        let done = self.completed.load(Ordering::Acquire);
+        (self.flushed.load(Ordering::Acquire) < done).then_some(done)
+    }
+
+    /// A backing flush issued after `covered` direct writes had completed has completed.
+    pub(crate) fn note_flushed(&self, covered: u64) {
+        self.flushed.fetch_max(covered, Ordering::AcqRel);
+        debug_assert!(self.flushed.load(Ordering::Acquire) <= self.completed.load(Ordering::Acquire));
+    }
 }
 
 impl Backing {
@@ -250,6 +283,9 @@ pub struct SetCounters {
     pub promotions: AtomicU64,
     pub promotions_stale: AtomicU64,
     pub seq_bypasses: AtomicU64,
+    /// Writes of uncached blocks sent straight to the backing device because the log had
+    /// no free segment (instead of waiting for writeback).
+    pub full_bypasses: AtomicU64,
 }
 
 /// A sealed segment waiting for writeback/reclaim, by seq.
@@ -779,6 +815,7 @@ impl CacheSet {
             state: Default::default(),
             errors: Default::default(),
             offline_since: Mutex::new(None),
+            direct: DirectWrites::default(),
         });
         let mut slots = self.backings.write().unwrap_or_else(|e| e.into_inner());
         if slots[idx.0 as usize].is_some() {

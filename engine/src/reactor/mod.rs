@@ -55,6 +55,10 @@ pub struct ReactorConfig {
     pub cores: Vec<Option<usize>>,
     /// Never sleep in the kernel (benchmarks).
     pub busy_poll: bool,
+    /// Reactors (by index) that sleep when idle even with `busy_poll`: reactors of
+    /// background work only (a cache set's migration reactor), which would otherwise spin
+    /// on a core that the threads feeding them need.
+    pub idle_sleepers: Vec<usize>,
     /// Idle time after which a reactor sleeps until work arrives.
     pub idle_threshold: Duration,
     /// Submission queue entries of each io_uring.
@@ -113,6 +117,7 @@ impl Default for ReactorConfig {
         ReactorConfig {
             cores: (0..n).map(Some).collect(),
             busy_poll: false,
+            idle_sleepers: Vec::new(),
             idle_threshold: Duration::from_millis(1),
             ring_entries: 512,
             inbox_capacity: 4096,
@@ -817,6 +822,7 @@ fn for_each_poller(l: &Local, f: impl Fn(&mut dyn Poller)) {
 fn run_loop(l: &Rc<Local>) {
     let shared = &l.shared;
     let cfg = &l.set.config;
+    let busy_poll = cfg.busy_poll && !cfg.idle_sleepers.contains(&shared.index);
     let mut last_work = Instant::now();
     let mut t_prev = last_work;
     loop {
@@ -850,7 +856,7 @@ fn run_loop(l: &Rc<Local>) {
             l.stopping.set(true);
             return;
         }
-        if work == 0 && !cfg.busy_poll && now.duration_since(last_work) >= cfg.idle_threshold {
+        if work == 0 && !busy_poll && now.duration_since(last_work) >= cfg.idle_threshold {
             shared.sleeping.store(true, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             if has_pending_input(l) {

@@ -170,6 +170,9 @@ fn options_seqcutoff_stats_and_errors() {
         "space_waits",
         "promotions",
         "promotions_stale",
+        "promotions_skipped",
+        "copy_forwards",
+        "copy_forwards_dropped",
         "seq_bypasses",
     ] {
         assert!(st["counters"][k].is_u64(), "counter {k} missing: {st}");

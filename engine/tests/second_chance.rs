@@ -188,7 +188,7 @@ impl Rig {
 fn a_block_hit_since_it_was_cached_survives_reclaim_and_a_cold_one_is_evicted() {
     let r = rig(opts());
     // Cached together, in one segment (31 slots): one hot block, two cold ones, ...,
-    // each promoted on its first miss. At most half a segment is copied forward, so the
+    // each promoted on its first miss. At most 3/4 of a segment is copied forward, so the
     // 10 hot blocks all qualify.
     let hot: Vec<u64> = (0..10).map(|i| i * 5).collect();
     let cold: Vec<u64> = (0..20).map(|i| (i / 2) * 5 + 1 + i % 2).collect();
@@ -343,7 +343,7 @@ fn a_write_landing_inside_a_copy_forward_wins() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let r = rig(opts());
     // Hot blocks, cached (first miss) and hit (referenced) before anything else: they sit
-    // in the oldest segment, reclaimed first. At most 15 (half a segment) are copied.
+    // in the oldest segment, reclaimed first. At most 23 (3/4 of a segment) are copied.
     let n = rng.gen_range(4..=15u64);
     let hot: Vec<u64> = (0..n).map(|i| 2 * i + rng.gen_range(0..2)).collect();
     for &h in &hot {

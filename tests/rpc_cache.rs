@@ -170,6 +170,9 @@ fn options_seqcutoff_stats_and_errors() {
         "space_waits",
         "promotions",
         "promotions_stale",
+        "promotions_skipped",
+        "copy_forwards",
+        "copy_forwards_dropped",
         "seq_bypasses",
         "full_bypasses",
     ] {

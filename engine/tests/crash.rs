@@ -195,7 +195,9 @@ fn build(
     .map_err(|e| e.to_string())?
 }
 
-fn crash_point(seed: u64) -> Result<(), String> {
+/// One crash point. Ok: the blocks copied forward (second chance at reclaim) before the
+/// cut, so the run can show that copy-forward was exercised.
+fn crash_point(seed: u64) -> Result<u64, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let rs = ReactorSet::start(ReactorConfig::unpinned(2)).map_err(|e| e.to_string())?;
     let cache_disk = SimDisk::from_image("cache", 512, vec![0; CACHE_BYTES as usize]);
@@ -280,6 +282,7 @@ fn crash_point(seed: u64) -> Result<(), String> {
     let issued: Vec<u64> = model.lock().unwrap().blocks.iter().map(|b| b.next_version).collect();
     // Errors up to the cut count; shutting the reactors down afterwards cancels I/O.
     let workload_error = errors.lock().unwrap().first().cloned();
+    let copied = cb.cache_set().counters.copy_forwards.load(Ordering::SeqCst);
     stop.store(true, Ordering::SeqCst);
     cb.cache_set().stop_migration();
     drop(cb);
@@ -327,15 +330,16 @@ fn crash_point(seed: u64) -> Result<(), String> {
             return Err(format!("block {lba}: version {v} was never written (last issued {})", issued[lba]));
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 #[test]
 fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     if let Ok(s) = std::env::var("TIERCACHE_CRASH_SEED") {
         let seed: u64 = s.parse().expect("TIERCACHE_CRASH_SEED must be a number");
-        if let Err(e) = crash_point(seed) {
-            panic!("crash point failed: {e}\n  replay: TIERCACHE_CRASH_SEED={seed}");
+        match crash_point(seed) {
+            Ok(copied) => eprintln!("seed {seed}: ok, {copied} blocks copied forward before the cut"),
+            Err(e) => panic!("crash point failed: {e}\n  replay: TIERCACHE_CRASH_SEED={seed}"),
         }
         return;
     }
@@ -343,21 +347,34 @@ fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     let base: u64 = std::env::var("TIERCACHE_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7c5e_ed00);
     let started = Instant::now();
     let mut failures = Vec::new();
+    let (mut with_copies, mut copied) = (0u64, 0u64);
     for i in 0..points {
         let seed = base + i;
-        if let Err(e) = crash_point(seed) {
-            eprintln!("crash point {seed} FAILED: {e}");
-            failures.push(seed);
-            if failures.len() >= 5 {
-                break;
+        match crash_point(seed) {
+            Ok(c) => {
+                with_copies += u64::from(c > 0);
+                copied += c;
+            }
+            Err(e) => {
+                eprintln!("crash point {seed} FAILED: {e}");
+                failures.push(seed);
+                if failures.len() >= 5 {
+                    break;
+                }
             }
         }
     }
     eprintln!(
-        "{points} crash points (seeds {base}..{}) in {:?}, {} violations",
+        "{points} crash points (seeds {base}..{}) in {:?}, {} violations; copy-forward active before the cut \
+         in {with_copies} points ({copied} blocks)",
         base + points,
         started.elapsed(),
         failures.len()
     );
     assert!(failures.is_empty(), "violations at seeds {failures:?}; replay one with TIERCACHE_CRASH_SEED=<seed>");
+    // The harness must exercise second chance: reclaim of segments holding blocks that
+    // reads hit, copied forward while writes race them.
+    if points >= 100 {
+        assert!(with_copies * 10 >= points, "copy-forward ran in only {with_copies} of {points} crash points");
+    }
 }

@@ -55,15 +55,28 @@ impl Rig {
             .unwrap()
             .unwrap();
     }
+    /// A read, then wait for the promotion it spawned (promotion runs after the read
+    /// completes, in a task of its own).
     fn read(&self, r: usize, lba: u64, n: usize) -> Vec<u8> {
         let d = self.desc.clone();
-        self.rs
+        let data = self
+            .rs
             .block_on(r, move || async move {
                 let c = d.channel().unwrap().read(lba * BS as u64, IoBuf::new(n * BS)).await;
                 c.status.unwrap();
                 c.buf.unwrap().to_vec()
             })
-            .unwrap()
+            .unwrap();
+        self.settle();
+        data
+    }
+    /// Wait until no promotion is in flight.
+    fn settle(&self) {
+        let t = Instant::now();
+        while self.set.counters.promotions_in_flight.load(Ordering::Acquire) > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "promotions never finished");
+            std::thread::yield_now();
+        }
     }
     fn promotions(&self) -> u64 {
         self.set.counters.promotions.load(Ordering::Relaxed)

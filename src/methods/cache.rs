@@ -611,6 +611,11 @@ pub fn counters(set: &CacheSet) -> Vec<(&'static str, u64)> {
         space_waits,
         promotions,
         promotions_stale,
+        promotions_skipped,
+        // A gauge, not a count: not reported here (a stats reset would subtract it).
+        promotions_in_flight: _,
+        copy_forwards,
+        copy_forwards_dropped,
         seq_bypasses,
         full_bypasses,
     } = &set.counters;
@@ -631,6 +636,9 @@ pub fn counters(set: &CacheSet) -> Vec<(&'static str, u64)> {
         ("space_waits", g(space_waits)),
         ("promotions", g(promotions)),
         ("promotions_stale", g(promotions_stale)),
+        ("promotions_skipped", g(promotions_skipped)),
+        ("copy_forwards", g(copy_forwards)),
+        ("copy_forwards_dropped", g(copy_forwards_dropped)),
         ("seq_bypasses", g(seq_bypasses)),
         ("full_bypasses", g(full_bypasses)),
     ]

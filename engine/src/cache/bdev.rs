@@ -161,6 +161,8 @@ enum Src {
 }
 
 const MAX_READ_ATTEMPTS: usize = 16;
+/// Promotion tasks pending per reactor; past this a read miss skips its promotion.
+const MAX_PROMOTIONS_IN_FLIGHT: usize = 64;
 
 impl Inner {
     fn set(&self) -> &Arc<CacheSet> {
@@ -277,21 +279,47 @@ impl Inner {
     }
 
     /// Copy read-miss data into the cache for the candidates (a clean copy; a block that
-    /// changed since its ticket is skipped).
-    async fn promote(&self, cands: Vec<(usize, super::index::BlockKey, PromotionTicket)>, data: &[u8]) {
+    /// changed since its ticket is skipped), after the read completes: the blocks are
+    /// copied out of `data` and placed by a task spawned on this reactor, so the read
+    /// never waits for the promotion. Placement never waits for log space either: with no
+    /// room in the open segment and no free segment, or with `MAX_PROMOTIONS_IN_FLIGHT`
+    /// promotions already pending on this reactor, the blocks are skipped (counted in
+    /// `promotions_skipped`); a later miss promotes them again.
+    fn promote(&self, cands: Vec<(usize, super::index::BlockKey, PromotionTicket)>, data: &[u8]) {
+        if cands.is_empty() {
+            return;
+        }
         let bs = self.bs() as usize;
-        let set = self.set();
-        for (i, key, ticket) in cands {
-            match self.log.put_promoted(key, &data[i * bs..(i + 1) * bs], &ticket).await {
-                Ok(_) => {
-                    set.misses.forget(key);
-                    set.counters.promotions.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {
-                    set.counters.promotions_stale.fetch_add(1, Ordering::Relaxed);
+        let set = self.set().clone();
+        let log = self.log.clone();
+        if log.promotions_in_flight.get() >= MAX_PROMOTIONS_IN_FLIGHT {
+            set.counters.promotions_skipped.fetch_add(cands.len() as u64, Ordering::Relaxed);
+            return;
+        }
+        let mut copy = Vec::with_capacity(cands.len() * bs);
+        for (i, _, _) in &cands {
+            copy.extend_from_slice(&data[i * bs..(i + 1) * bs]);
+        }
+        log.promotions_in_flight.set(log.promotions_in_flight.get() + 1);
+        set.counters.promotions_in_flight.fetch_add(1, Ordering::Relaxed);
+        crate::reactor::spawn_detached(async move {
+            for (k, (_, key, ticket)) in cands.into_iter().enumerate() {
+                match log.put_promoted(key, &copy[k * bs..(k + 1) * bs], &ticket).await {
+                    Ok(_) => {
+                        set.misses.forget(key);
+                        set.counters.promotions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Errno::ENOSPC) => {
+                        set.counters.promotions_skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        set.counters.promotions_stale.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
-        }
+            log.promotions_in_flight.set(log.promotions_in_flight.get() - 1);
+            set.counters.promotions_in_flight.fetch_sub(1, Ordering::Release);
+        });
     }
 
     /// One I/O: run it, then account its latency to its path and feed the writeback rate
@@ -533,7 +561,7 @@ impl Inner {
         if buf.len() == bs {
             let set = self.set();
             if let Some(key) = CacheSet::key(self.backing.idx, offset / bs as u64) {
-                if let Some(h) = self.log.lookup(key) {
+                if let Some(h) = self.log.lookup_read(key) {
                     if !h.zero && set.ram_owner[h.segment.0 as usize].load(Ordering::Acquire) == 0 {
                         let c = self.log.cache_ch.read(set.geom.slot_id_offset(h.slot), buf).await;
                         match c.status {
@@ -569,7 +597,7 @@ impl Inner {
                     Some(k) => k,
                     None => return (IoCompletion::err(Errno::EINVAL, Some(buf)), false),
                 };
-                srcs.push(match self.log.lookup(key) {
+                srcs.push(match self.log.lookup_read(key) {
                     None => Src::Miss,
                     Some(h) if h.zero => Src::Zero,
                     Some(h) => Src::Cached(h),
@@ -584,7 +612,7 @@ impl Inner {
                     let c = self.backing_io(IoRequest::read(offset, buf)).await;
                     if c.status.is_ok() && !cands.is_empty() {
                         if let Some(b) = c.buf.as_ref() {
-                            self.promote(cands, b).await;
+                            self.promote(cands, b);
                         }
                     }
                     return (c, false);
@@ -611,9 +639,7 @@ impl Inner {
                 }
                 if let Some(data) = c.buf {
                     buf[b0 * bs..(b0 + cnt) * bs].copy_from_slice(&data);
-                    if !cands.is_empty() {
-                        self.promote(cands, &data).await;
-                    }
+                    self.promote(cands, &data);
                 }
             }
             // Cached blocks: RAM (here or on the owning reactor) or the cache device.

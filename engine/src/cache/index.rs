@@ -137,6 +137,12 @@ const F_LIVE: u64 = 1 << 58;
 const F_DIRTY: u64 = 1 << 59;
 const F_TOMBSTONE: u64 = 1 << 60;
 const F_ZERO: u64 = 1 << 61;
+/// Hit by a foreground read since it was installed: second chance at reclaim (the block is
+/// copied forward instead of evicted). A hint: set with a plain `fetch_or` only while the
+/// setter is inside the read-side section of the lookup that found the slot, never
+/// cleared on a live slot (the copy forward is a fresh slot without it); see
+/// docs/index-concurrency.md, "The referenced bit".
+const F_REFERENCED: u64 = 1 << 62;
 
 // ---------------------------------------------------------------------------
 // QSBR
@@ -477,6 +483,17 @@ pub struct DirtySlot {
     pub version: Version,
     pub gen: u32,
     pub zero: bool,
+}
+
+/// A live clean block that was hit since it was installed: a candidate to copy forward
+/// when its segment is reclaimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Referenced {
+    pub slot: SlotId,
+    pub key: BlockKey,
+    pub version: Version,
+    /// Segment generation when listed; see [`BlockIndex::copy_forward_ticket`].
+    pub gen: u32,
 }
 
 /// Why an install did not publish.
@@ -947,6 +964,76 @@ impl BlockIndex {
         })
     }
 
+    /// A foreground read hit `hit`: set its slot's referenced bit (second chance at
+    /// reclaim). Call it in the same read-side section as the lookup that returned `hit`
+    /// (no quiescent state in between): the slot then cannot have been released, so the
+    /// bit lands on the entry the lookup saw, never on a later use of the slot. Stores
+    /// only when the bit is not set yet (a hot block costs one load per hit).
+    pub fn mark_referenced(&self, p: &Participant, hit: &Hit) {
+        debug_assert!(p.belongs_to(&self.qsbr) && p.is_online(), "mark_referenced outside a read-side section");
+        let Some(kw) = self.key_words.get(hit.slot.0 as usize) else { return };
+        let w = kw.load(Relaxed);
+        if w & F_REFERENCED == 0 && w & F_LIVE != 0 {
+            kw.fetch_or(F_REFERENCED, Relaxed);
+        }
+    }
+
+    /// Whether the slot's referenced bit is set (tests and diagnostics).
+    pub fn is_referenced(&self, slot: SlotId) -> bool {
+        self.key_words.get(slot.0 as usize).is_some_and(|w| w.load(Relaxed) & F_REFERENCED != 0)
+    }
+
+    /// Up to `max` live, clean, data-carrying entries of `seg` whose referenced bit is set,
+    /// in slot order: the blocks reclaim copies forward (second chance).
+    pub fn referenced_slots(&self, p: &Participant, seg: SegmentId, max: usize) -> Result<Vec<Referenced>, IndexError> {
+        debug_assert!(p.belongs_to(&self.qsbr) && p.is_online());
+        let m = self.seg(seg)?;
+        let gen = m.gen.load(SeqCst);
+        let base = seg.0 * self.slots_per_segment;
+        let mut out = Vec::new();
+        for i in 0..self.slots_per_segment {
+            if out.len() >= max {
+                break;
+            }
+            let slot = base + i;
+            let w = self.key_words[slot as usize].load(Acquire);
+            let want = F_VALID | F_LINKED | F_LIVE | F_REFERENCED;
+            if w & want == want && w & (F_DIRTY | F_TOMBSTONE | F_ZERO) == 0 {
+                out.push(Referenced {
+                    slot: SlotId(slot),
+                    key: BlockKey(w & KEY_MASK),
+                    version: self.version_of(slot),
+                    gen,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A ticket to copy `r` forward (install a clean copy of it with
+    /// [`Self::install_promotion`]), or `None` if the slot is no longer the newest version
+    /// of its key or its segment began reclaim since `r` was listed. The ticket is a
+    /// promotion ticket that observed exactly `r`'s version, so the copy publishes only if
+    /// nothing installed a version of the key in between: a concurrent write always wins.
+    pub fn copy_forward_ticket(&self, p: &Participant, r: &Referenced) -> Option<PromotionTicket> {
+        debug_assert!(p.belongs_to(&self.qsbr) && p.is_online());
+        let m = self.segments.get(self.loc(r.slot.0).0)?;
+        if m.gen.load(SeqCst) != r.gen {
+            return None;
+        }
+        let w = self.key_words[r.slot.0 as usize].load(Acquire);
+        if w & (F_VALID | F_LIVE) != F_VALID | F_LIVE || w & KEY_MASK != r.key.0 || w & (F_TOMBSTONE | F_ZERO) != 0 {
+            return None;
+        }
+        // Only written-back segments are reclaimed: nothing live in them is dirty.
+        debug_assert!(w & F_DIRTY == 0, "copy-forward of a dirty block (slot {})", r.slot.0);
+        if w & F_DIRTY != 0 {
+            return None;
+        }
+        let t = self.promotion_ticket(p, r.key);
+        (t.observed == Some(r.version)).then_some(t)
+    }
+
     /// After reading a hit's slot from the cache device (possibly across
     /// quiescent states): `false` means the segment began reclaim since the
     /// lookup and the bytes may belong to its next use — look up again.
@@ -1319,6 +1406,53 @@ mod tests {
         f.ix.install(&p, &writes, 2, k4, EntryKind::Tombstone).unwrap();
         let t = f.ix.promotion_ticket(&p, k4);
         assert!(matches!(f.ix.install_promotion(&p, &promo, 3, &t, false), Err(InstallError::Newer { .. })));
+    }
+
+    #[test]
+    fn referenced_blocks_are_listed_and_a_copy_forward_loses_to_any_newer_install() {
+        let mut f = fx(4, 8);
+        let p = f.ix.register();
+        let o = f.ix.open_segment(f.free.pop().unwrap()).unwrap();
+        let (hot, cold, dirty, gone) = (key(1), key(2), key(3), key(4));
+        for (i, (k, kind)) in
+            [(hot, EntryKind::Clean), (cold, EntryKind::Clean), (dirty, EntryKind::Dirty), (gone, EntryKind::Clean)]
+                .into_iter()
+                .enumerate()
+        {
+            f.ix.install(&p, &o, i as u32, k, kind).unwrap();
+        }
+        for k in [hot, dirty, gone] {
+            let h = f.ix.lookup(&p, k).unwrap();
+            assert!(!f.ix.is_referenced(h.slot));
+            f.ix.mark_referenced(&p, &h);
+            f.ix.mark_referenced(&p, &h); // idempotent
+            assert!(f.ix.is_referenced(h.slot));
+        }
+        let seg = f.ix.seal(o).unwrap();
+        // Only live, clean, referenced data blocks are listed; the cap applies.
+        let listed = f.ix.referenced_slots(&p, seg, 8).unwrap();
+        assert_eq!(listed.iter().map(|r| r.key).collect::<Vec<_>>(), vec![hot, gone]);
+        assert_eq!(f.ix.referenced_slots(&p, seg, 1).unwrap().len(), 1);
+        // A write after the listing: that block's copy gets no ticket.
+        let w = f.ix.open_segment(f.free.pop().unwrap()).unwrap();
+        f.ix.install(&p, &w, 0, gone, EntryKind::Dirty).unwrap();
+        assert_eq!(f.ix.copy_forward_ticket(&p, &listed[1]), None);
+        // The other is copied: a clean, unreferenced, newer version.
+        let t = f.ix.copy_forward_ticket(&p, &listed[0]).unwrap();
+        let c = f.ix.install_promotion(&p, &w, 1, &t, false).unwrap();
+        assert_eq!(c.superseded, Some(listed[0].version));
+        let h = f.ix.lookup(&p, hot).unwrap();
+        assert!(!h.dirty && h.version == c.version && !f.ix.is_referenced(h.slot));
+        assert_eq!(f.ix.segment_info(seg).unwrap().live, 2, "cold and the written-back-pending dirty block");
+        // A ticket taken, then a write lands before the install: the copy is stale.
+        let t2 = f.ix.copy_forward_ticket(&p, &Referenced { version: c.version, gen: 0, key: hot, slot: h.slot });
+        let t2 = t2.unwrap();
+        f.ix.install(&p, &w, 2, hot, EntryKind::Dirty).unwrap();
+        assert_eq!(f.ix.install_promotion(&p, &w, 3, &t2, false), Err(InstallError::Changed));
+        assert!(f.ix.lookup(&p, hot).unwrap().dirty);
+        // A stale listing (the segment's generation moved on) gets no ticket.
+        let stale = Referenced { gen: listed[0].gen + 1, ..listed[0] };
+        assert_eq!(f.ix.copy_forward_ticket(&p, &stale), None);
     }
 
     #[test]

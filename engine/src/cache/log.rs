@@ -93,6 +93,8 @@ pub struct ReactorLog {
     lost: RefCell<Vec<super::index::BackingIdx>>,
     /// Latency per I/O path on this reactor.
     pub(crate) latency: RefCell<PathLatency>,
+    /// Promotions spawned on this reactor and not finished (bounded by the read path).
+    pub(crate) promotions_in_flight: Cell<usize>,
 }
 
 /// Which way an I/O went (for per-path latency).
@@ -224,6 +226,7 @@ impl ReactorLog {
             idle_sealer: Cell::new(false),
             lost: RefCell::new(Vec::new()),
             latency: RefCell::new(PathLatency::new()),
+            promotions_in_flight: Cell::new(0),
         })
     }
 
@@ -234,6 +237,55 @@ impl ReactorLog {
 
     pub(crate) fn lookup(&self, key: BlockKey) -> Option<super::index::Hit> {
         self.with_participant(|p| self.set.index.lookup(p, key))
+    }
+
+    /// A foreground read's lookup: a hit also sets the slot's referenced bit (second
+    /// chance at reclaim), in the same read-side section as the lookup.
+    pub(crate) fn lookup_read(&self, key: BlockKey) -> Option<super::index::Hit> {
+        self.with_participant(|p| {
+            let h = self.set.index.lookup(p, key)?;
+            self.set.index.mark_referenced(p, &h);
+            Some(h)
+        })
+    }
+
+    /// Open a segment for this reactor only if one is free right now (promotions and
+    /// copy-forwards never wait for log space). Ok(false): none free, or too many sealed
+    /// segments of this reactor still being written.
+    fn try_open_new(&self) -> Result<bool, Errno> {
+        if self.set.is_failed() {
+            return Err(Errno::EIO);
+        }
+        if self.open.borrow().is_some() {
+            return Ok(true);
+        }
+        if self.writing.borrow().len() >= MAX_SEGMENTS_IN_FLIGHT {
+            return Ok(false);
+        }
+        match self.set.free.pop() {
+            Some(f) => self.open_free(f).map(|()| true),
+            None => {
+                self.set.kick_migration();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Make `f` this reactor's open segment.
+    fn open_free(&self, f: super::index::FreeSegment) -> Result<(), Errno> {
+        let seg = self.set.index.open_segment(f).map_err(|e| {
+            log::error!("cache set {}: open_segment: {e}", self.set.name);
+            Errno::EIO
+        })?;
+        let id = seg.id();
+        self.set.ram_owner[id.0 as usize].store(self.me as u32 + 1, Ordering::Release);
+        let geom = &self.set.geom;
+        let mut buf = IoBuf::new(geom.segment_size() as usize);
+        buf[..geom.header_bytes()].fill(0);
+        let records = Vec::with_capacity(geom.slots_per_segment() as usize);
+        *self.open.borrow_mut() = Some(OpenBuf { seg, buf, records });
+        self.set.kick_migration_if_low();
+        Ok(())
     }
 
     /// Open a segment for this reactor, waiting (bounded) for a free one.
@@ -256,19 +308,7 @@ impl ReactorLog {
                 return Ok(());
             }
             if let Some(f) = self.set.free.pop() {
-                let seg = self.set.index.open_segment(f).map_err(|e| {
-                    log::error!("cache set {}: open_segment: {e}", self.set.name);
-                    Errno::EIO
-                })?;
-                let id = seg.id();
-                self.set.ram_owner[id.0 as usize].store(self.me as u32 + 1, Ordering::Release);
-                let geom = &self.set.geom;
-                let mut buf = IoBuf::new(geom.segment_size() as usize);
-                buf[..geom.header_bytes()].fill(0);
-                let records = Vec::with_capacity(geom.slots_per_segment() as usize);
-                *self.open.borrow_mut() = Some(OpenBuf { seg, buf, records });
-                self.set.kick_migration_if_low();
-                return Ok(());
+                return self.open_free(f);
             }
             if !counted {
                 counted = true;
@@ -295,8 +335,11 @@ impl ReactorLog {
         self.place(key, data, kind, None).await
     }
 
-    /// Promote a block read from the backing device (a CLEAN copy). `ticket` was taken
-    /// before that read; if the block changed since, nothing is published (ESTALE).
+    /// Place a CLEAN copy of a block under a promotion ticket: a read miss promoted (the
+    /// ticket taken before the backing read) or a block copied forward at reclaim (the
+    /// ticket observed the copied slot). If the block changed since the ticket, nothing is
+    /// published (ESTALE). Never waits for log space: with the open segment full and no
+    /// free segment, nothing is placed (ENOSPC) and the caller skips the block.
     pub(crate) async fn put_promoted(
         self: &Rc<Self>,
         key: BlockKey,
@@ -332,7 +375,13 @@ impl ReactorLog {
         debug_assert!(data.is_none_or(|d| d.len() == bs));
         loop {
             if self.open.borrow().is_none() {
-                self.open_new().await?;
+                if ticket.is_some() {
+                    if !self.try_open_new()? {
+                        return Err(Errno::ENOSPC);
+                    }
+                } else {
+                    self.open_new().await?;
+                }
                 self.ensure_idle_sealer();
             }
             let mut guard = self.open.borrow_mut();

@@ -9,8 +9,9 @@
 //! * [`set`] — a cache set: format, load (recovery), attach, superblock updates.
 //! * [`log`] — per-reactor segment buffers: place, seal, write.
 //! * [`bdev`] — the cached bdev and its read/write/flush paths.
-//! * [`writeback`] — writeback of dirty data and reclaim of segments, on a migration
-//!   thread.
+//! * [`writeback`] — writeback of dirty data, on a migration thread.
+//! * [`reclaim`] — reclaim of written-back segments (same thread), with second chance
+//!   for blocks hit since they were cached (copy-forward).
 
 pub mod bdev;
 pub mod failure;
@@ -19,6 +20,7 @@ pub mod log;
 pub mod ondisk;
 pub mod promote;
 pub mod rate;
+pub mod reclaim;
 pub mod set;
 pub mod writeback;
 

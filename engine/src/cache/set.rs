@@ -282,6 +282,18 @@ pub struct SetCounters {
     pub space_waits: AtomicU64,
     pub promotions: AtomicU64,
     pub promotions_stale: AtomicU64,
+    /// Promotions not done because no log space was free right then (the open segment
+    /// full, no free segment) or too many were in flight on the reactor: promotions never
+    /// wait.
+    pub promotions_skipped: AtomicU64,
+    /// Promotions spawned and not finished yet (a gauge, not a count).
+    pub promotions_in_flight: AtomicU64,
+    /// Referenced clean blocks re-placed in a newer segment when theirs was reclaimed
+    /// (second chance).
+    pub copy_forwards: AtomicU64,
+    /// Copy-forwards given up: the block changed meanwhile, no log space, or a cache read
+    /// error.
+    pub copy_forwards_dropped: AtomicU64,
     pub seq_bypasses: AtomicU64,
     /// Writes of uncached blocks sent straight to the backing device because the log had
     /// no free segment (instead of waiting for writeback).

@@ -1,4 +1,5 @@
-//! Writeback and segment reclaim, on a dedicated migration thread per cache set.
+//! Writeback, on a dedicated migration thread per cache set (which also runs reclaim:
+//! `reclaim.rs`).
 //!
 //! The log is drained strictly in seq order (docs/cache-engine.md): the oldest sealed,
 //! written segment has its live dirty blocks copied to their backing devices (sorted by
@@ -18,7 +19,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use futures::StreamExt;
 
-use super::index::{DirtySlot, Reclaimer, SegmentId, Seq};
+use super::index::{DirtySlot, Reclaimer, SegmentId};
 use super::rate::{self, Decision, Inputs, RateController, RateKnobs};
 use super::set::{CacheSet, IoRange};
 use crate::dma::IoBuf;
@@ -45,8 +46,6 @@ impl Kick {
     }
 }
 
-/// Grace periods of the reclaimer never wait longer than this.
-const GRACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocks per merged backing write.
 const MAX_RUN_BLOCKS: usize = 256;
 
@@ -200,7 +199,7 @@ const WRITEBACK_WINDOW: usize = 64;
 ///    across restarts too.
 fn step(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer, drain: bool) -> Result<bool, Errno> {
     // Space first: reclaiming written-back segments needs no data I/O.
-    if set.free.len() < set.low_watermark() && reclaim(set, reclaimer)? {
+    if set.free.len() < set.low_watermark() && super::reclaim::reclaim(set, reclaimer)? {
         return Ok(true);
     }
     // Under space pressure, big rounds too: small segments (FLUSH-heavy loads seal them
@@ -279,53 +278,6 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         })
         .map_err(|_| Errno::ESHUTDOWN)?
         .map_err(|e| e.errno())?;
-    Ok(true)
-}
-
-/// Step 4, only when log space is needed: the oldest written-back segments leave the
-/// index and become free. `reclaim_seq` is persisted first, so replay never reads a
-/// position that may have been reused. Until then their clean data stays cached (and is
-/// replayed as clean after a restart). Ok(false): nothing reclaimable.
-fn reclaim(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer) -> Result<bool, Errno> {
-    let wb = set.superblock().writeback_seq;
-    let batch: Vec<(u64, SegmentId)> = {
-        let sealed = set.sealed.lock().unwrap_or_else(|e| e.into_inner());
-        sealed.range(..=wb).take(DRAIN_BATCH_SEGMENTS).map(|(seq, s)| (*seq, s.seg)).collect()
-    };
-    let Some(&(last, _)) = batch.last() else { return Ok(false) };
-    let s = set.clone();
-    set.reactors
-        .block_on(set.migration_reactor(), move || async move {
-            s.update_superblock(|sb| sb.reclaim_seq = sb.reclaim_seq.max(last).min(sb.writeback_seq)).await
-        })
-        .map_err(|_| Errno::ESHUTDOWN)?
-        .map_err(|e| e.errno())?;
-    let persisted = Seq(wb);
-    for &(seq, seg) in &batch {
-        let started = set.index.begin_reclaim(reclaimer, seg, persisted).map_err(|e| {
-            log::error!("cache set {}: begin_reclaim({}): {e}", set.name, seg.0);
-            Errno::EIO
-        })?;
-        let unlinked = match set.index.unlink_segment(reclaimer, started, GRACE_TIMEOUT) {
-            Ok(u) => u,
-            Err((_, e)) => {
-                log::error!("cache set {}: unlink({}): {e}", set.name, seg.0);
-                return Err(Errno::ETIMEDOUT);
-            }
-        };
-        let free = match set.index.release_segment(reclaimer, unlinked, GRACE_TIMEOUT) {
-            Ok(f) => f,
-            Err((_, e)) => {
-                log::error!("cache set {}: release({}): {e}", set.name, seg.0);
-                return Err(Errno::ETIMEDOUT);
-            }
-        };
-        set.sealed.lock().unwrap_or_else(|e| e.into_inner()).remove(&seq);
-        if set.free.push(free).is_err() {
-            log::error!("cache set {}: free queue overflow", set.name);
-        }
-        set.counters.segments_reclaimed.fetch_add(1, Ordering::Relaxed);
-    }
     Ok(true)
 }
 

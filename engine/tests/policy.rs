@@ -234,21 +234,18 @@ fn with_the_log_full_uncached_writes_go_to_the_backing_device_and_flush_covers_t
     // log stays full of dirty data.
     let r = rig(CacheMode::WriteBack, CacheOptions { seq_cutoff_bytes: 0, ..opts() }, 64);
     r.set.stop_migration();
-    let mut lba = 0;
-    while r.set.free_segments() > 0 {
-        r.write(0, lba, 1);
-        lba += 1;
-        assert!(lba < 4096, "the log never filled");
-    }
-    // Fill the open segment too, until a write would wait.
+    // Fill the log with dirty blocks until a write bypasses it (the free segments left are
+    // the reserve for invalidations).
     let bypasses = || r.set.counters.full_bypasses.load(Ordering::Relaxed);
     let waits = r.set.counters.space_waits.load(Ordering::Relaxed);
-    let first_new = lba;
+    let mut lba = 0;
     while bypasses() == 0 {
-        r.write(0, lba, 2);
+        r.write(0, lba, 1);
         lba += 1;
-        assert!(lba < first_new + 64, "no write bypassed a full log");
+        assert!(lba < 4096, "no write bypassed a full log");
     }
+    assert!(lba > 1000, "bypassed after only {lba} writes: the log was not full");
+    assert!(r.set.free_segments() <= 4, "bypassing with {} free segments", r.set.free_segments());
     for l in lba..lba + 100 {
         r.write(0, l, 3);
     }

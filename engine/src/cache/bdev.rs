@@ -161,6 +161,10 @@ enum Src {
 }
 
 const MAX_READ_ATTEMPTS: usize = 16;
+
+/// A promotion candidate: block index in the request, key, index ticket, direct-write
+/// epoch (all taken before the backing read).
+type Candidate = (usize, super::index::BlockKey, PromotionTicket, u64);
 /// Promotion tasks pending per reactor; past this a read miss skips its promotion.
 const MAX_PROMOTIONS_IN_FLIGHT: usize = 64;
 
@@ -206,6 +210,30 @@ impl Inner {
             Err(e) => self.backing.note_error(self.set(), e),
         }
         c
+    }
+
+    /// End a direct write's claim once its data is on the backing device (durably, where a
+    /// cached version was dirty — see `any_dirty`), BEFORE the log records that supersede
+    /// the cached versions are placed: placing may wait for log space, and writeback, which
+    /// frees that space, cannot write back a claimed block (crash harness: 20 s stalls with
+    /// the log full under mode switches). Each dirty cached version is first marked clean:
+    /// the backing device now holds newer data, so writeback must not copy the old version
+    /// over it once the claim is gone. Until the superseding record is placed a read may
+    /// still see the old version — the write has not completed, so either is correct — and
+    /// a power cut replays the old version, which no FLUSH covering this write has seen.
+    fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64) {
+        let set = self.set();
+        self.log.with_participant(|p| {
+            for lba in lba0..lba0 + n {
+                let Some(key) = CacheSet::key(self.backing.idx, lba) else { continue };
+                if let Some(h) = set.index.lookup(p, key) {
+                    if h.dirty {
+                        set.index.mark_clean(p, h.slot, h.gen);
+                    }
+                }
+            }
+        });
+        drop(range);
     }
 
     /// Whether a write of `len` bytes at `offset` would wait for log space and none of its
@@ -262,7 +290,7 @@ impl Inner {
 
     /// Promotion candidates among `n` blocks from `lba0`: count their misses, and take a
     /// ticket (before the backing read) for those at the threshold.
-    fn promotion_candidates(&self, lba0: u64, n: usize) -> Vec<(usize, super::index::BlockKey, PromotionTicket)> {
+    fn promotion_candidates(&self, lba0: u64, n: usize) -> Vec<Candidate> {
         let set = self.set();
         let after = set.knobs.promote_after.load(Ordering::Relaxed);
         if after == 0 || set.is_failed() {
@@ -272,7 +300,9 @@ impl Inner {
         for i in 0..n {
             let Some(key) = CacheSet::key(self.backing.idx, lba0 + i as u64) else { continue };
             if set.misses.miss(key) >= after {
-                out.push((i, key, self.log.promotion_ticket(key)));
+                // A direct write in flight: the backing read may return either version.
+                let Some(epoch) = set.direct_epoch(self.backing.idx.0, lba0 + i as u64) else { continue };
+                out.push((i, key, self.log.promotion_ticket(key), epoch));
             }
         }
         out
@@ -285,7 +315,7 @@ impl Inner {
     /// room in the open segment and no free segment, or with `MAX_PROMOTIONS_IN_FLIGHT`
     /// promotions already pending on this reactor, the blocks are skipped (counted in
     /// `promotions_skipped`); a later miss promotes them again.
-    fn promote(&self, cands: Vec<(usize, super::index::BlockKey, PromotionTicket)>, data: &[u8]) {
+    fn promote(&self, cands: Vec<Candidate>, data: &[u8]) {
         if cands.is_empty() {
             return;
         }
@@ -297,14 +327,23 @@ impl Inner {
             return;
         }
         let mut copy = Vec::with_capacity(cands.len() * bs);
-        for (i, _, _) in &cands {
+        for (i, _, _, _) in &cands {
             copy.extend_from_slice(&data[i * bs..(i + 1) * bs]);
         }
         log.promotions_in_flight.set(log.promotions_in_flight.get() + 1);
         set.counters.promotions_in_flight.fetch_add(1, Ordering::Relaxed);
         crate::reactor::spawn_detached(async move {
-            for (k, (_, key, ticket)) in cands.into_iter().enumerate() {
-                match log.put_promoted(key, &copy[k * bs..(k + 1) * bs], &ticket).await {
+            for (k, (_, key, ticket, epoch)) in cands.into_iter().enumerate() {
+                // The index ticket sees writes that went through the log; the claim sees
+                // direct writes (writearound, writethrough, bypasses), which the index of
+                // an uncached block does not.
+                let Some(claim) = set.claim_promotion(key.backing().0, key.lba().0, epoch) else {
+                    set.counters.promotions_stale.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let placed = log.put_promoted(key, &copy[k * bs..(k + 1) * bs], &ticket).await;
+                set.release_range(claim);
+                match placed {
                     Ok(_) => {
                         set.misses.forget(key);
                         set.counters.promotions.fetch_add(1, Ordering::Relaxed);
@@ -439,7 +478,7 @@ impl Inner {
     /// writethrough/promotion race): the cached copy is never newer than the origin.
     async fn write_through(&self, offset: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Errno> {
         let bs = self.bs() as usize;
-        let _range = self.claim_direct(offset, buf.len() as u64).await?;
+        let range = self.claim_direct(offset, buf.len() as u64).await?;
         // A dirty cached version is about to be superseded by a clean one: the backing
         // device must hold the new data durably first (see `any_dirty`).
         let fua_asked = fua;
@@ -448,6 +487,7 @@ impl Inner {
         c.status?;
         let buf = c.buf.ok_or(Errno::EIO)?;
         let set = self.set();
+        self.release_direct(range, offset / bs as u64, (buf.len() / bs) as u64);
         if !set.is_failed() {
             let lba0 = offset / bs as u64;
             for (b, block) in buf.chunks_exact(bs).enumerate() {
@@ -477,7 +517,7 @@ impl Inner {
     async fn write_around(&self, offset: u64, buf: IoBuf, fua: bool) -> (Result<(), Errno>, Option<IoBuf>) {
         let bs = self.bs();
         let n = buf.len() as u64 / bs;
-        let _range = match self.claim_direct(offset, buf.len() as u64).await {
+        let range = match self.claim_direct(offset, buf.len() as u64).await {
             Ok(g) => g,
             Err(e) => return (Err(e), Some(buf)),
         };
@@ -488,6 +528,7 @@ impl Inner {
         if let Err(e) = c.status {
             return (Err(e), c.buf);
         }
+        self.release_direct(range, offset / bs, n);
         let r = match self.invalidate(offset / bs, n).await {
             Ok(placed) if placed > 0 && fua_asked => self.log_records_durable().await,
             r => r.map(drop),
@@ -521,13 +562,14 @@ impl Inner {
                 Ok(())
             }
             _ => {
-                let _range = self.claim_direct(offset, len).await?;
+                let range = self.claim_direct(offset, len).await?;
                 let dirty = self.any_dirty(lba0, n);
                 self.backing_io(IoRequest::write_zeroes(offset, len)).await.status?;
                 if dirty {
                     // Zeroes durable before the tombstones (see `any_dirty`).
                     self.flush_backing().await?;
                 }
+                self.release_direct(range, lba0, n);
                 self.invalidate(lba0, n).await.map(drop)
             }
         }

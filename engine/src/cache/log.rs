@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::index::{BlockKey, EntryKind, InstallError, OpenSegment, Participant, PromotionTicket, SegmentId};
 use super::ondisk::{encode_segment_header, record_flags, BlockRecordOnDisk};
-use super::set::{CacheSet, SealedSeg};
+use super::set::{CacheSet, SealedSeg, SpaceUse};
 use crate::bdev::IoChannel;
 use crate::dma::IoBuf;
 use crate::errno::Errno;
@@ -262,7 +262,7 @@ impl ReactorLog {
         if self.writing.borrow().len() >= MAX_SEGMENTS_IN_FLIGHT {
             return Ok(false);
         }
-        match self.set.free.pop() {
+        match self.set.take_free(SpaceUse::Opportunistic) {
             Some(f) => self.open_free(f).map(|()| true),
             None => {
                 self.set.kick_migration();
@@ -289,7 +289,7 @@ impl ReactorLog {
     }
 
     /// Open a segment for this reactor, waiting (bounded) for a free one.
-    async fn open_new(self: &Rc<Self>) -> Result<(), Errno> {
+    async fn open_new(self: &Rc<Self>, use_: SpaceUse) -> Result<(), Errno> {
         // Bound the RAM held by sealed segments still being written: a writer faster than
         // the cache device waits here (backpressure) instead of piling up buffers.
         while self.writing.borrow().len() >= MAX_SEGMENTS_IN_FLIGHT {
@@ -307,7 +307,7 @@ impl ReactorLog {
             if self.open.borrow().is_some() {
                 return Ok(());
             }
-            if let Some(f) = self.set.free.pop() {
+            if let Some(f) = self.set.take_free(use_) {
                 return self.open_free(f);
             }
             if !counted {
@@ -355,7 +355,7 @@ impl ReactorLog {
     pub(crate) fn has_room(&self, n: usize) -> bool {
         let slots = self.set.geom.slots_per_segment() as usize;
         let open_room = self.open.borrow().as_ref().map_or(0, |ob| slots - ob.records.len());
-        open_room >= n || !self.set.free.is_empty()
+        open_room >= n || self.set.has_free(SpaceUse::Data)
     }
 
     pub(crate) fn promotion_ticket(&self, key: BlockKey) -> PromotionTicket {
@@ -380,7 +380,11 @@ impl ReactorLog {
                         return Err(Errno::ENOSPC);
                     }
                 } else {
-                    self.open_new().await?;
+                    let use_ = match kind {
+                        EntryKind::Tombstone => SpaceUse::Invalidation,
+                        _ => SpaceUse::Data,
+                    };
+                    self.open_new(use_).await?;
                 }
                 self.ensure_idle_sealer();
             }

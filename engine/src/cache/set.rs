@@ -149,14 +149,20 @@ impl CacheSet {
         true
     }
 
-    /// Claim a range for a direct write, waiting (bounded) while writeback writes it.
+    /// Claim a range for a direct write, waiting (bounded) while writeback (or a
+    /// promotion's install) holds it. Bumps the direct-write epochs of its blocks.
     pub(crate) async fn claim_direct(&self, r: IoRange) -> Result<(), Errno> {
+        debug_assert!(!r.writeback && r.start < r.end);
         let started = Instant::now();
         loop {
             {
                 let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
                 if !v.iter().any(|x| x.writeback && x.overlaps(&r)) {
                     v.push(r);
+                    let n = (r.end - r.start).min(DIRECT_EPOCHS as u64);
+                    for lba in r.start..r.start + n {
+                        self.direct_epochs[direct_epoch_bucket(r.backing, lba)].fetch_add(1, Ordering::AcqRel);
+                    }
                     return Ok(());
                 }
             }
@@ -167,12 +173,64 @@ impl CacheSet {
         }
     }
 
+    /// A promotion's view of direct writes to one block: None if one is in flight (the
+    /// backing read may return either version: do not promote), else the block's epoch,
+    /// to compare at install time (`claim_promotion`).
+    pub(crate) fn direct_epoch(&self, backing: u8, lba: u64) -> Option<u64> {
+        let r = IoRange { backing, start: lba, end: lba + 1, writeback: true };
+        let v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if v.iter().any(|x| !x.writeback && x.overlaps(&r)) {
+            return None;
+        }
+        Some(self.direct_epochs[direct_epoch_bucket(backing, lba)].load(Ordering::Acquire))
+    }
+
+    /// Claim one block to install a promoted copy of it: fails if a direct write holds it
+    /// or started since `epoch` was read (the copy may then be older than the backing
+    /// device). Held across the install, so a direct write that comes next waits and then
+    /// finds the copy and invalidates it. Release with `release_range`.
+    pub(crate) fn claim_promotion(&self, backing: u8, lba: u64, epoch: u64) -> Option<IoRange> {
+        let r = IoRange { backing, start: lba, end: lba + 1, writeback: true };
+        if !self.claim_writeback(r) {
+            return None;
+        }
+        if self.direct_epochs[direct_epoch_bucket(backing, lba)].load(Ordering::Acquire) != epoch {
+            self.release_range(r);
+            return None;
+        }
+        Some(r)
+    }
+
     pub(crate) fn release_range(&self, r: IoRange) {
         let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = v.iter().position(|x| *x == r) {
             v.swap_remove(i);
         }
     }
+}
+
+/// What a log placement is for, which decides whether it may use the reserve of free
+/// segments. Tombstones complete direct writes (writearound, passthrough, bypasses over
+/// cached blocks) and are small; keeping the last free segments for them means such a
+/// write never waits behind a log full of new data. (Direct writes release their backing
+/// claim before placing anything, `Inner::release_direct` in bdev.rs, so even a wait here
+/// cannot stall writeback.)
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum SpaceUse {
+    /// New data (writeback-mode writes, zeroes): waits for space above the reserve.
+    Data,
+    /// A tombstone placed by a direct write: may use the reserve.
+    Invalidation,
+    /// Promotions and copy-forwards: only above the reserve, never waiting.
+    Opportunistic,
+}
+
+/// Buckets of direct-write epochs (blocks hash into them; a collision only costs a
+/// promotion).
+pub(crate) const DIRECT_EPOCHS: usize = 1024;
+
+fn direct_epoch_bucket(backing: u8, lba: u64) -> usize {
+    ((lba ^ ((backing as u64) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % DIRECT_EPOCHS
 }
 
 /// Policy knobs read on the I/O path.
@@ -342,6 +400,9 @@ pub struct CacheSet {
     /// Backing-device ranges being written by writeback or directly (writethrough,
     /// writearound, bypass): the two never overlap (seed 003).
     pub(crate) io_ranges: Mutex<Vec<IoRange>>,
+    /// Direct writes started per bucket of blocks: promotions compare them (seed 003 for
+    /// direct writes, which leave no trace in the index when the block is uncached).
+    pub(crate) direct_epochs: Box<[AtomicU64]>,
     /// Durability rounds (FLUSH group commit): one at a time, numbered.
     pub(crate) durable_round: futures::lock::Mutex<()>,
     /// Foreground activity per reactor (rate control input).
@@ -400,6 +461,7 @@ impl CacheSet {
             cache_errors: Default::default(),
             misses: Default::default(),
             io_ranges: Mutex::new(Vec::new()),
+            direct_epochs: (0..DIRECT_EPOCHS).map(|_| AtomicU64::new(0)).collect(),
             durable_round: futures::lock::Mutex::new(()),
             fg: (0..n_reactors).map(|_| Default::default()).collect(),
             writeback_rate: Mutex::new(super::rate::Decision::Idle),
@@ -456,6 +518,29 @@ impl CacheSet {
     /// Number of free segments.
     pub fn free_segments(&self) -> usize {
         self.free.len()
+    }
+
+    /// Free segments held back for invalidations (`SpaceUse::Invalidation`): one per
+    /// reactor plus one, at most a quarter of the log.
+    pub(crate) fn space_reserve(&self) -> usize {
+        (self.reactors.len() + 1).min(self.nr_segments() as usize / 4).max(1)
+    }
+
+    /// Take a free segment for `use_`, if one may be taken now. Data and opportunistic
+    /// copies leave the reserve alone; the check and the pop are not atomic, so racing
+    /// reactors can dig into the reserve by at most one segment each (it has one spare
+    /// per reactor for that).
+    pub(crate) fn take_free(&self, use_: SpaceUse) -> Option<super::index::FreeSegment> {
+        if use_ != SpaceUse::Invalidation && self.free.len() <= self.space_reserve() {
+            return None;
+        }
+        self.free.pop()
+    }
+
+    /// Whether a segment could be taken for `use_` right now (a hint).
+    pub(crate) fn has_free(&self, use_: SpaceUse) -> bool {
+        let floor = if use_ == SpaceUse::Invalidation { 0 } else { self.space_reserve() };
+        self.free.len() > floor
     }
 
     pub fn nr_segments(&self) -> u32 {

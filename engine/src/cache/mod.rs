@@ -9,7 +9,9 @@
 //! * [`set`] — a cache set: format, load (recovery), attach, superblock updates.
 //! * [`log`] — per-reactor segment buffers: place, seal, write.
 //! * [`bdev`] — the cached bdev and its read/write/flush paths.
-//! * [`writeback`] — writeback of dirty data, on a migration thread.
+//! * [`writeback`] — writeback of dirty data, on a migration thread; its speed is set
+//!   by [`rate`] (blocks per second, bcache-style PD control on the dirty fraction) and
+//!   its depth by [`tail_guard`] (writeback I/Os in flight, AIMD on foreground read p99).
 //! * [`reclaim`] — reclaim of written-back segments (same thread), with second chance
 //!   for blocks hit since they were cached (copy-forward).
 
@@ -22,6 +24,7 @@ pub mod promote;
 pub mod rate;
 pub mod reclaim;
 pub mod set;
+pub mod tail_guard;
 pub mod writeback;
 
 pub use bdev::{mode_name, parse_mode, CachedBdev};

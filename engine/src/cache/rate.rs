@@ -104,25 +104,62 @@ impl RateController {
     }
 }
 
+/// Buckets of the foreground read-latency histogram: four per power of two from 1 µs
+/// (below: bucket 0) up to ~17 s (above: the last bucket).
+pub const LAT_BUCKETS: usize = 64;
+
+/// Histogram bucket of a latency in ns.
+pub fn bucket(ns: u64) -> usize {
+    if ns < 1024 {
+        return 0;
+    }
+    let lz = 63 - ns.leading_zeros() as usize; // floor(log2), >= 10
+    let sub = ((ns >> (lz - 2)) & 3) as usize;
+    ((lz - 10) * 4 + sub + 1).min(LAT_BUCKETS - 1)
+}
+
+/// Upper bound (ns) of a bucket's latencies.
+pub fn bucket_upper_ns(b: usize) -> u64 {
+    if b == 0 {
+        return 1024;
+    }
+    let (lz, sub) = ((b - 1) / 4 + 10, (b - 1) % 4);
+    ((4 + sub as u64 + 1) << (lz - 2)).min(u64::MAX >> 1)
+}
+
 /// Foreground activity of one reactor, written only by that reactor, read by the
 /// migration thread (no contention on the I/O path).
-#[derive(Default)]
 #[repr(align(64))]
 pub struct FgStat {
     /// EWMA of read latency in ns (0: no reads yet).
     pub read_ewma_ns: AtomicU64,
     /// Time of the last foreground I/O, ns since the set was created.
     pub last_io_ns: AtomicU64,
+    /// Read latencies, cumulative per bucket (the tail guard diffs snapshots).
+    pub read_hist: [AtomicU64; LAT_BUCKETS],
+}
+
+impl Default for FgStat {
+    fn default() -> Self {
+        FgStat {
+            read_ewma_ns: AtomicU64::new(0),
+            last_io_ns: AtomicU64::new(0),
+            read_hist: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl FgStat {
-    /// Record one foreground I/O (`read_ns`: its latency if it was a read).
+    /// Record one foreground I/O (`read_ns`: its latency if it was a read). Single writer
+    /// (the owning reactor): plain load + store, no read-modify-write.
     pub fn record(&self, now_ns: u64, read_ns: Option<u64>) {
         self.last_io_ns.store(now_ns, Ordering::Relaxed);
         if let Some(l) = read_ns {
             let old = self.read_ewma_ns.load(Ordering::Relaxed);
             let new = if old == 0 { l } else { old - old / 16 + l / 16 };
             self.read_ewma_ns.store(new, Ordering::Relaxed);
+            let h = &self.read_hist[bucket(l)];
+            h.store(h.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         }
     }
 }
@@ -142,6 +179,20 @@ mod tests {
 
     fn inputs(dirty: f64) -> Inputs {
         Inputs { dirty_fraction: dirty, ..Inputs::default() }
+    }
+
+    #[test]
+    fn latency_buckets_are_monotonic_and_bound_their_values() {
+        let mut prev = 0;
+        for ns in [0u64, 500, 1024, 1500, 2047, 2048, 50_000, 64_000, 1_000_000, 1 << 40] {
+            let b = bucket(ns);
+            assert!(b >= prev, "bucket({ns}) = {b} < {prev}");
+            assert!(ns <= bucket_upper_ns(b) || b == LAT_BUCKETS - 1, "{ns} above bucket {b}'s bound");
+            if b > 0 {
+                assert!(ns >= bucket_upper_ns(b - 1), "{ns} below bucket {b}'s range");
+            }
+            prev = b;
+        }
     }
 
     #[test]

@@ -407,6 +407,13 @@ pub struct CacheSet {
     pub(crate) durable_round: futures::lock::Mutex<()>,
     /// Foreground activity per reactor (rate control input).
     pub(crate) fg: Box<[super::rate::FgStat]>,
+    /// Writeback's in-flight window under foreground load (tail_guard.rs).
+    pub(crate) tail_guard: Mutex<super::tail_guard::TailGuard>,
+    /// Writeback I/Os issued (cache reads and backing writes), for the tail guard.
+    pub(crate) wb_ios: AtomicU64,
+    /// Writers are waiting for log space (or free segments are below the low watermark):
+    /// writeback runs at its full window regardless of the foreground.
+    pub(crate) wb_space_urgent: AtomicBool,
     /// The rate controller's last decision (for stats).
     pub(crate) writeback_rate: Mutex<super::rate::Decision>,
     pub(crate) created: Instant,
@@ -464,6 +471,9 @@ impl CacheSet {
             direct_epochs: (0..DIRECT_EPOCHS).map(|_| AtomicU64::new(0)).collect(),
             durable_round: futures::lock::Mutex::new(()),
             fg: (0..n_reactors).map(|_| Default::default()).collect(),
+            tail_guard: Mutex::new(Default::default()),
+            wb_ios: AtomicU64::new(0),
+            wb_space_urgent: AtomicBool::new(false),
             writeback_rate: Mutex::new(super::rate::Decision::Idle),
             created: Instant::now(),
             rounds_started: AtomicU64::new(0),

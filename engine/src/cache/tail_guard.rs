@@ -1,0 +1,217 @@
+//! The foreground tail-latency guard of writeback.
+//!
+//! The rate controller (`rate.rs`) decides how many blocks per second writeback may move;
+//! this guard decides how many writeback I/Os may be in flight at once (the *window*)
+//! while foreground I/O is running. A QD1 reader does not see the mean of writeback's
+//! interference but its tail: one read queued behind 64 writeback I/Os on the device is
+//! a p99 sample (measured: p50 36 → 37 µs but p99 72 → 642 µs under a 64-deep
+//! writeback). So the guard watches the foreground read p99 — from per-reactor
+//! histograms the reactors fill on their I/O path ([`FgStat`]) — over short intervals,
+//! and runs AIMD on the window:
+//!
+//! - an interval with writeback I/O and p99 above `SLACK` × the baseline halves the
+//!   window (down to the caller's minimum);
+//! - an interval with writeback I/O and p99 within it grows the window by one;
+//! - an interval without writeback I/O updates the baseline (EWMA of its p99);
+//! - without a baseline the window stays at the minimum, and [`TailGuard::wants_probe`]
+//!   asks the migration thread to pause writeback briefly so one can be measured (also
+//!   every `REPROBE_AFTER`, as the foreground load changes).
+//!
+//! No foreground reads in an interval: the window opens fully (nothing to protect).
+
+use std::time::{Duration, Instant};
+
+use super::rate::{FgStat, LAT_BUCKETS};
+
+/// The largest window (writeback runs in flight).
+pub const MAX_WINDOW: usize = 64;
+/// Shortest interval the p99 is taken over.
+const INTERVAL: Duration = Duration::from_millis(20);
+/// An interval closes early only with this many reads; else it runs up to `MAX_INTERVAL`.
+const MIN_SAMPLES: u64 = 200;
+const MAX_INTERVAL: Duration = Duration::from_millis(500);
+/// Allowed p99 growth over the baseline before the window shrinks.
+const SLACK: f64 = 1.25;
+/// Re-measure the baseline this often.
+const REPROBE_AFTER: Duration = Duration::from_secs(10);
+
+/// State of the guard (owned by the cache set, behind a mutex: only the migration
+/// thread and the migration reactor touch it).
+#[derive(Debug)]
+pub struct TailGuard {
+    last: [u64; LAT_BUCKETS],
+    last_at: Instant,
+    last_wb_ios: u64,
+    baseline_p99_ns: Option<f64>,
+    baseline_at: Option<Instant>,
+    window: usize,
+    /// p99 of the last closed interval, ns (None: no reads in it).
+    pub last_p99_ns: Option<u64>,
+}
+
+impl Default for TailGuard {
+    fn default() -> Self {
+        TailGuard {
+            last: [0; LAT_BUCKETS],
+            last_at: Instant::now(),
+            last_wb_ios: 0,
+            baseline_p99_ns: None,
+            baseline_at: None,
+            window: MAX_WINDOW,
+            last_p99_ns: None,
+        }
+    }
+}
+
+/// p99 (upper bound of its bucket, ns) of a bucket histogram; None when empty.
+pub fn p99_ns(hist: &[u64; LAT_BUCKETS]) -> Option<u64> {
+    let n: u64 = hist.iter().sum();
+    if n == 0 {
+        return None;
+    }
+    let rank = n - n / 100; // the sample at the 99th percentile, 1-based
+    let mut seen = 0;
+    for (b, &c) in hist.iter().enumerate() {
+        seen += c;
+        if seen >= rank {
+            return Some(super::rate::bucket_upper_ns(b));
+        }
+    }
+    Some(super::rate::bucket_upper_ns(LAT_BUCKETS - 1))
+}
+
+impl TailGuard {
+    /// Close the current interval if it is due and adapt the window. `wb_ios`: writeback
+    /// I/Os issued so far (a counter). Returns the window for foreground-active periods.
+    pub fn tick(&mut self, fg: &[FgStat], wb_ios: u64, now: Instant, min_window: usize) -> usize {
+        debug_assert!((1..=MAX_WINDOW).contains(&min_window));
+        let age = now.saturating_duration_since(self.last_at);
+        if age < INTERVAL {
+            return self.window.max(min_window);
+        }
+        let mut cur = [0u64; LAT_BUCKETS];
+        for s in fg {
+            for (b, c) in cur.iter_mut().enumerate() {
+                *c += s.read_hist[b].load(std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let mut delta = [0u64; LAT_BUCKETS];
+        for b in 0..LAT_BUCKETS {
+            delta[b] = cur[b].saturating_sub(self.last[b]);
+        }
+        let n: u64 = delta.iter().sum();
+        if n < MIN_SAMPLES && n > 0 && age < MAX_INTERVAL {
+            return self.window.max(min_window);
+        }
+        let wb_active = wb_ios != self.last_wb_ios;
+        self.last = cur;
+        self.last_at = now;
+        self.last_wb_ios = wb_ios;
+        let p99 = p99_ns(&delta);
+        self.last_p99_ns = p99;
+        let Some(p99) = p99 else {
+            self.window = MAX_WINDOW;
+            return self.window;
+        };
+        if !wb_active {
+            let p = p99 as f64;
+            self.baseline_p99_ns = Some(self.baseline_p99_ns.map_or(p, |b| b * 0.7 + p * 0.3));
+            self.baseline_at = Some(now);
+        } else if let Some(b) = self.baseline_p99_ns {
+            if p99 as f64 > SLACK * b {
+                self.window = (self.window / 2).max(1);
+            } else {
+                self.window = (self.window + 1).min(MAX_WINDOW);
+            }
+        } else {
+            self.window = 1;
+        }
+        self.window.max(min_window)
+    }
+
+    /// Whether writeback should pause for one interval to (re-)measure the baseline.
+    pub fn wants_probe(&self, now: Instant) -> bool {
+        match self.baseline_at {
+            None => true,
+            Some(t) => now.saturating_duration_since(t) >= REPROBE_AFTER,
+        }
+    }
+
+    /// How long a probe pause lasts (a couple of intervals).
+    pub fn probe_pause() -> Duration {
+        3 * INTERVAL
+    }
+
+    pub fn baseline_p99_ns(&self) -> Option<f64> {
+        self.baseline_p99_ns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(fg: &FgStat, ns: u64, n: u64) {
+        for _ in 0..n {
+            fg.record(1, Some(ns));
+        }
+    }
+
+    #[test]
+    fn p99_of_a_histogram_is_the_bucket_holding_the_99th_percentile() {
+        let fg = FgStat::default();
+        feed(&fg, 50_000, 990);
+        feed(&fg, 2_000_000, 10);
+        let mut h = [0u64; LAT_BUCKETS];
+        for (b, c) in h.iter_mut().enumerate() {
+            *c = fg.read_hist[b].load(std::sync::atomic::Ordering::Relaxed);
+        }
+        let p = p99_ns(&h).unwrap();
+        assert!((50_000..=64_000).contains(&p), "p99 {p}");
+        feed(&fg, 2_000_000, 10); // now 2% slow
+        for (b, c) in h.iter_mut().enumerate() {
+            *c = fg.read_hist[b].load(std::sync::atomic::Ordering::Relaxed);
+        }
+        assert!(p99_ns(&h).unwrap() >= 2_000_000);
+    }
+
+    #[test]
+    fn the_window_halves_when_p99_rises_with_writeback_and_grows_back_when_it_does_not() {
+        let fg = [FgStat::default()];
+        let mut g = TailGuard::default();
+        let t0 = Instant::now();
+        let mut k = 0u32;
+        let mut step = |g: &mut TailGuard, ns: u64, wb: u64| {
+            feed(&fg[0], ns, 500);
+            k += 1;
+            let t = t0 + INTERVAL * k;
+            (g.tick(&fg, wb, t, 1), t)
+        };
+        // Writeback active without a baseline: the minimum window, and a probe is wanted.
+        let (w, t) = step(&mut g, 50_000, 1);
+        assert_eq!(w, 1);
+        assert!(g.wants_probe(t));
+        // A quiet interval (no writeback I/O) sets the baseline.
+        let (_, t) = step(&mut g, 50_000, 1);
+        assert!(g.baseline_p99_ns().is_some() && !g.wants_probe(t));
+        // Writeback with p99 unchanged: the window grows by one per interval.
+        let (w1, _) = step(&mut g, 50_000, 2);
+        let (w2, _) = step(&mut g, 50_000, 3);
+        assert_eq!(w2, w1 + 1);
+        // p99 10x: halved.
+        let (w3, _) = step(&mut g, 500_000, 4);
+        assert_eq!(w3, (w2 / 2).max(1));
+        // Never below the caller's minimum.
+        let (w4, t) = step(&mut g, 500_000, 5);
+        assert!(w4 >= 1);
+        assert!(g.tick(&fg, 6, t + INTERVAL, 8) >= 8);
+    }
+
+    #[test]
+    fn no_foreground_reads_opens_the_window() {
+        let fg = [FgStat::default()];
+        let mut g = TailGuard { window: 2, ..TailGuard::default() };
+        let t = Instant::now() + MAX_INTERVAL;
+        assert_eq!(g.tick(&fg, 10, t, 1), MAX_WINDOW);
+    }
+}

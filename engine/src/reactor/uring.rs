@@ -73,18 +73,25 @@ pub(crate) struct Uring {
 }
 
 impl Uring {
-    pub(crate) fn new(entries: u32, submit_batch: u32, eventfd: RawFd) -> io::Result<Uring> {
+    pub(crate) fn new(entries: u32, submit_batch: u32, defer_taskrun: bool, eventfd: RawFd) -> io::Result<Uring> {
         let entries = entries.clamp(8, 32768).next_power_of_two();
         // Completion task work runs only when this thread enters the kernel (COOP_TASKRUN),
         // and the kernel raises a flag in the SQ ring when some is pending (TASKRUN_FLAG),
         // so a busy reactor is not interrupted by IPIs for each completion: it checks the
-        // flag once per iteration and enters only when needed. Older kernels: plain ring.
-        let ring = IoUring::builder()
-            .setup_cqsize(entries * 2)
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_taskrun_flag()
-            .build(entries)
+        // flag once per iteration and enters only when needed (`flush`, whose enter then
+        // carries GETEVENTS). With DEFER_TASKRUN the task work is also never run on the
+        // way out of other syscalls or interrupts, only by those enters (and by `wait`).
+        // Older kernels: the same without DEFER_TASKRUN, then a plain ring.
+        let build = |defer: bool| {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(entries * 2).setup_single_issuer().setup_coop_taskrun().setup_taskrun_flag();
+            if defer {
+                b.setup_defer_taskrun();
+            }
+            b.build(entries)
+        };
+        let ring = (if defer_taskrun { build(true) } else { Err(io::Error::from_raw_os_error(libc::EINVAL)) })
+            .or_else(|_| build(false))
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 2).build(entries))?;
         let max_in_flight = entries * 2 - 1; // one CQ entry is always left for the wake read
         Ok(Uring {

@@ -266,3 +266,35 @@ fn multishot_receive_delivers_a_stream_in_order_pauses_and_ends() {
 fn multishot_receive_with_defer_taskrun() {
     multishot_round_trip(true);
 }
+
+#[test]
+fn vectored_send_sends_pieces_of_owned_buffers_in_order() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let s = set(1);
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = a.as_raw_fd();
+    let (sent, bufs) = s
+        .block_on(0, move || async move {
+            let mut v = reactor::net::IoVecs::new();
+            let h = v.push_buf(IoBuf::from_slice(b"0123456789"));
+            let d = v.push_buf(IoBuf::from_slice(b"abcdef"));
+            assert!(v.push_seg(h, 0, 3));
+            assert!(v.push_seg(h, 3, 2)); // merged with the previous piece
+            assert!(v.push_seg(d, 1, 4));
+            assert!(v.push_seg(h, 8, 2));
+            assert!(!v.push_seg(d, 4, 3), "a piece past the end of its buffer is refused");
+            assert_eq!((v.segs(), v.total()), (3, 11));
+            // Skip 2 bytes, as after a short send.
+            let (r, mut v) = reactor::net::sendv(fd, v, 2).await;
+            let n = v.clear().count();
+            (r.map_err(|e| e.to_string()), n)
+        })
+        .unwrap();
+    assert_eq!(sent, Ok(9));
+    assert_eq!(bufs, 2);
+    let mut got = [0u8; 9];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"234bcde89");
+    s.stop();
+}

@@ -682,6 +682,161 @@ pub mod net {
         BufOp::new(fd, buf, at, false)
     }
 
+    /// Most pieces one [`IoVecs`] sends at once (the rest waits for the next send).
+    pub const MAX_IOVECS: usize = 64;
+
+    /// Owned buffers and the pieces of them to send in order with one `sendmsg`: e.g.
+    /// reply headers gathered in one buffer, each followed by its read payload in the
+    /// payload's own buffer (no copy). Reusable: [`IoVecs::clear`] drops the buffers after
+    /// the send, keeps the allocations of the lists.
+    pub struct IoVecs {
+        bufs: Vec<IoBuf>,
+        /// (buffer index, offset, length)
+        segs: Vec<(usize, usize, usize)>,
+        total: usize,
+        iov: Vec<libc::iovec>,
+        msg: Box<libc::msghdr>,
+    }
+
+    impl Default for IoVecs {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl IoVecs {
+        pub fn new() -> IoVecs {
+            // SAFETY: msghdr is a plain C struct for which all-zero is a valid value (no
+            // address, no iovecs, no control data, no flags).
+            let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            IoVecs {
+                bufs: Vec::new(),
+                segs: Vec::new(),
+                total: 0,
+                iov: Vec::with_capacity(MAX_IOVECS),
+                msg: Box::new(msg),
+            }
+        }
+
+        /// Take ownership of `buf` until the send is done; returns its index for [`IoVecs::push_seg`].
+        pub fn push_buf(&mut self, buf: IoBuf) -> usize {
+            self.bufs.push(buf);
+            self.bufs.len() - 1
+        }
+
+        /// Mutable access to a buffer added before (to fill it before sending).
+        pub fn buf_mut(&mut self, idx: usize) -> Option<&mut IoBuf> {
+            self.bufs.get_mut(idx)
+        }
+
+        /// Send `len` bytes of buffer `idx` from `off` next (merged with the previous piece
+        /// when it ends where this one starts). False, and nothing added, if the piece is
+        /// not inside the buffer or [`MAX_IOVECS`] pieces are queued.
+        pub fn push_seg(&mut self, idx: usize, off: usize, len: usize) -> bool {
+            let Some(b) = self.bufs.get(idx) else { return false };
+            if off.checked_add(len).is_none_or(|end| end > b.len()) {
+                return false;
+            }
+            if len == 0 {
+                return true;
+            }
+            if let Some(last) = self.segs.last_mut() {
+                if last.0 == idx && last.1 + last.2 == off {
+                    last.2 += len;
+                    self.total += len;
+                    return true;
+                }
+            }
+            if self.segs.len() >= MAX_IOVECS {
+                return false;
+            }
+            self.segs.push((idx, off, len));
+            self.total += len;
+            true
+        }
+
+        /// Pieces queued.
+        pub fn segs(&self) -> usize {
+            self.segs.len()
+        }
+
+        /// Bytes queued.
+        pub fn total(&self) -> usize {
+            self.total
+        }
+
+        /// Forget the pieces and hand the buffers out (the caller keeps or drops them).
+        pub fn clear(&mut self) -> std::vec::Drain<'_, IoBuf> {
+            self.segs.clear();
+            self.total = 0;
+            self.bufs.drain(..)
+        }
+
+        /// Point the iovecs and the msghdr at the queued pieces, skipping `skip` bytes.
+        fn prepare(&mut self, skip: usize) -> *const libc::msghdr {
+            self.iov.clear();
+            let mut skip = skip;
+            for &(idx, off, len) in &self.segs {
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                let b = &self.bufs[idx];
+                // SAFETY: push_seg checked `off + len <= b.len()`, and `skip < len`.
+                let base = unsafe { b.as_ptr().add(off + skip) };
+                self.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len - skip });
+                skip = 0;
+            }
+            self.msg.msg_iov = self.iov.as_mut_ptr();
+            self.msg.msg_iovlen = self.iov.len() as _;
+            &*self.msg
+        }
+    }
+
+    /// Send the pieces of `v` after the first `skip` bytes with one `sendmsg`; resolves to
+    /// the byte count sent (may be short) and gives `v` back.
+    pub fn sendv(fd: RawFd, mut v: IoVecs, skip: usize) -> SendV {
+        let msg = v.prepare(skip);
+        let entry = opcode::SendMsg::new(types::Fd(fd), msg).flags(libc::MSG_NOSIGNAL as u32).build();
+        // SAFETY: the msghdr (boxed), the iovec array (a Vec not touched until completion)
+        // and the buffers the iovecs point into are all owned by `v`, which this SendV owns
+        // and hands to the slot (Keep::Any) if dropped while the send is in flight; moving
+        // `v` does not move any of that heap memory.
+        let op = unsafe { Op::new(entry) };
+        SendV { op: Some(op), v: Some(v) }
+    }
+
+    /// A vectored send that owns its buffers.
+    pub struct SendV {
+        op: Option<Op>,
+        v: Option<IoVecs>,
+    }
+
+    impl Future for SendV {
+        type Output = (Result<usize, Errno>, IoVecs);
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let op = self.op.as_mut().expect("SendV polled after completion");
+            match Pin::new(op).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(res) => {
+                    self.op = None;
+                    let v = self.v.take().expect("buffers present until completion");
+                    let r = if res < 0 { Err(Errno::from_neg(res)) } else { Ok(res as usize) };
+                    Poll::Ready((r, v))
+                }
+            }
+        }
+    }
+
+    impl Drop for SendV {
+        fn drop(&mut self) {
+            if let Some(op) = self.op.take() {
+                let keep = self.v.take().map_or(Keep::None, |v| Keep::Any(Box::new(v)));
+                op.drop_keeping(keep);
+            }
+        }
+    }
+
     /// Accept one connection on a listening socket; resolves to the new fd.
     pub fn accept(fd: RawFd) -> Op {
         let entry = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())

@@ -59,10 +59,10 @@ const COALESCE_MAX: usize = 16;
 /// ... or this many read payload bytes (large replies gain nothing from waiting) ...
 const COALESCE_BYTES: usize = 64 << 10;
 /// ... and a reply waits at most this long for others to join it.
-const COALESCE_HOLD: Duration = Duration::from_micros(50);
+const COALESCE_HOLD: Duration = Duration::from_micros(100);
 /// A reader whose client keeps a deep pipeline (coalescing target at least
 /// `RECV_HOLD_MIN_TARGET`) waits this long before each receive.
-const RECV_HOLD: Duration = Duration::from_micros(20);
+const RECV_HOLD: Duration = Duration::from_micros(40);
 const RECV_HOLD_MIN_TARGET: usize = 4;
 /// Admissions per window of the peak in-flight tracking.
 const PEAK_WINDOW: u32 = 1024;

@@ -15,7 +15,8 @@
 # Usage: scripts/bench-nbd.sh [RUNTIME_SECONDS=5] [RUNS=3]
 # Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown),
 #        IDLE_US (0: tiercache reactor idle threshold in µs), SERVERS (the server list),
-#        JOBS (client connections per run, a list: "1 4"), WORKLOADS ("randread:4k ...")
+#        JOBS (client connections per run, a list: "1 4"), WORKLOADS ("randread:4k ..."),
+#        BENCH_BIN (a prebuilt nbd_bench_server, e.g. of an older commit; default: build it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,9 +45,11 @@ for t in fio nbdkit qemu-nbd taskset python3 nbdinfo; do
   command -v "$t" >/dev/null || { echo "missing $t (see scripts/test.sh for the packages)" >&2; exit 1; }
 done
 
-echo "== building the bench server (release)"
-cargo build --release -q -p tiercache-nbd --example nbd_bench_server
-BENCH_BIN="$CARGO_TARGET_DIR/release/examples/nbd_bench_server"
+if [ -z "${BENCH_BIN:-}" ]; then
+  echo "== building the bench server (release)"
+  cargo build --release -q -p tiercache-nbd --example nbd_bench_server
+  BENCH_BIN="$CARGO_TARGET_DIR/release/examples/nbd_bench_server"
+fi
 
 PORT=10900
 wait_ready() { # uri

@@ -962,7 +962,11 @@ pub mod net {
             // SAFETY: `idx < count`, so the entry lies within the ring allocation; the
             // kernel only reads entries between its head and our published tail, and this
             // one is past the tail until `publish`. Only addr/len/bid are written: entry 0's
-            // last field is the shared tail.
+            // last field is the shared tail. The buffer the entry hands to the kernel
+            // (`bid < count`, inside `bufs`) is not read by us until a CQE returns it, and
+            // `bufs` stays alive and unmoved (heap memory of an IoBuf we own) until the ring
+            // is unregistered: a dropped stream keeps this BufRing in its op slot until the
+            // receive's last CQE, and Drop leaks the memory if it cannot unregister.
             let e = unsafe { &mut *base.add(idx) };
             e.set_addr(addr);
             e.set_len(size);

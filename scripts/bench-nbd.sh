@@ -6,13 +6,17 @@
 #   qemu-nbd/file      qemu-nbd on a raw file on the root filesystem (page cache)
 # Server pinned to core 0, fio to core 1. tiercache runs with IDLE_US (default 0): its reactor
 # sleeps in io_uring_enter as soon as it has nothing to do, instead of polling for 1 ms. Workloads: 4K randread / randwrite at QD 32,
-# 128K sequential read / write at QD 32. Each (server, workload) is run RUNS times;
+# 128K sequential read / write at QD 32, each with JOBS client connections (fio numjobs,
+# every job its own NBD connection at QD 32, all on FIO_CORE; default "1 4": one client
+# connection, then four). Each (server, workload, jobs) is run RUNS times;
 # reported: median IOPS (min–max) and server CPU per I/O = Δ(utime+stime) of the
 # server process (all threads, /proc/PID/stat) / I/Os completed.
 #
 # Usage: scripts/bench-nbd.sh [RUNTIME_SECONDS=5] [RUNS=3]
 # Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown),
-#        IDLE_US (0: tiercache reactor idle threshold in µs), SERVERS (the server list)
+#        IDLE_US (0: tiercache reactor idle threshold in µs), SERVERS (the server list),
+#        JOBS (client connections per run, a list: "1 4"), WORKLOADS ("randread:4k ..."),
+#        BENCH_BIN (a prebuilt nbd_bench_server, e.g. of an older commit; default: build it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +27,7 @@ FIO_CORE=${FIO_CORE:-1}
 SIZE_MIB=${SIZE_MIB:-1024}
 OUT=${OUT:-/tmp/bench-nbd-results.md}
 IDLE_US=${IDLE_US:-0}
+JOBS=${JOBS:-"1 4"}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-nbdsrv}
 WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
 SERVER_PID=""
@@ -40,9 +45,11 @@ for t in fio nbdkit qemu-nbd taskset python3 nbdinfo; do
   command -v "$t" >/dev/null || { echo "missing $t (see scripts/test.sh for the packages)" >&2; exit 1; }
 done
 
-echo "== building the bench server (release)"
-cargo build --release -q -p tiercache-nbd --example nbd_bench_server
-BENCH_BIN="$CARGO_TARGET_DIR/release/examples/nbd_bench_server"
+if [ -z "${BENCH_BIN:-}" ]; then
+  echo "== building the bench server (release)"
+  cargo build --release -q -p tiercache-nbd --example nbd_bench_server
+  BENCH_BIN="$CARGO_TARGET_DIR/release/examples/nbd_bench_server"
+fi
 
 PORT=10900
 wait_ready() { # uri
@@ -96,10 +103,11 @@ stop_server() {
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# fio_run uri rw bs -> prints "iops ios"
+# fio_run uri rw bs jobs -> prints "iops ios" (all jobs together)
 fio_run() {
   taskset -c "$FIO_CORE" fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs="$3" --iodepth=32 \
-    --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" --output-format=json >"$WORK/fio.json" 2>/dev/null
+    --numjobs="$4" --group_reporting --size="${SIZE_MIB}m" --time_based --runtime="$RUNTIME" \
+    --output-format=json >"$WORK/fio.json" 2>/dev/null
   python3 - "$WORK/fio.json" "$2" <<'EOF'
 import json, sys
 t = open(sys.argv[1]).read()
@@ -110,9 +118,10 @@ print(d["iops"], d["total_ios"])
 EOF
 }
 
-WORKLOADS="randread:4k randwrite:4k read:128k write:128k"
+WORKLOADS=${WORKLOADS:-"randread:4k randwrite:4k read:128k write:128k"}
 SERVERS=${SERVERS:-"tiercache/malloc nbdkit/memory qemu-nbd/file tiercache/cached"}
 TICK_HZ=$(getconf CLK_TCK)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 : >"$WORK/raw.tsv"
 for s in $SERVERS; do
   echo "== $s"
@@ -122,31 +131,35 @@ for s in $SERVERS; do
     --size="${SIZE_MIB}m" >/dev/null 2>&1
   for w in $WORKLOADS; do
     rw=${w%%:*}; bs=${w##*:}
-    for r in $(seq 1 "$RUNS"); do
-      c0=$(cpu_ticks "$SERVER_PID")
-      read -r iops ios < <(fio_run "$URI" "$rw" "$bs")
-      c1=$(cpu_ticks "$SERVER_PID")
-      us=$(python3 -c "print(($c1 - $c0) * 1e6 / $TICK_HZ / max(1, $ios))")
-      printf '%s\t%s %s\t%s\t%s\t%s\n' "$s" "$rw" "$bs" "$r" "$iops" "$us" | tee -a "$WORK/raw.tsv"
+    for j in $JOBS; do
+      for r in $(seq 1 "$RUNS"); do
+        c0=$(cpu_ticks "$SERVER_PID")
+        read -r iops ios < <(fio_run "$URI" "$rw" "$bs" "$j")
+        c1=$(cpu_ticks "$SERVER_PID")
+        us=$(python3 -c "print(($c1 - $c0) * 1e6 / $TICK_HZ / max(1, $ios))")
+        printf '%s\t%s %s QD32 x%s\t%s\t%s\t%s\n' "$s" "$rw" "$bs" "$j" "$r" "$iops" "$us" | tee -a "$WORK/raw.tsv"
+      done
     done
   done
   stop_server
 done
 
-python3 - "$WORK/raw.tsv" "$OUT" "$RUNTIME" "$RUNS" <<'EOF'
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$WORK/raw.tsv" "$OUT" "$RUNTIME" "$RUNS" "$LOAD_START" "$LOAD_END" <<'EOF'
 import statistics, sys, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 data = collections.OrderedDict()
 for s, w, r, iops, us in rows:
     data.setdefault(w, collections.OrderedDict()).setdefault(s, []).append((float(iops), float(us)))
 out = []
-out.append(f"fio runtime {sys.argv[3]} s, {sys.argv[4]} runs per cell: median (min–max)\n")
-out.append("| workload | server | IOPS | server CPU µs/I/O |")
+out.append(f"fio runtime {sys.argv[3]} s, {sys.argv[4]} runs per cell: median (min–max); "
+           f"load average at start {sys.argv[5]}, at end {sys.argv[6]}\n")
+out.append("| workload (xN: client connections) | server | IOPS | server CPU µs/I/O |")
 out.append("|---|---|---|---|")
 for w, servers in data.items():
     for s, v in servers.items():
         i = [x[0] for x in v]; c = [x[1] for x in v]
-        out.append(f"| {w} QD32 | {s} | {statistics.median(i):,.0f} ({min(i):,.0f}–{max(i):,.0f}) | "
+        out.append(f"| {w} | {s} | {statistics.median(i):,.0f} ({min(i):,.0f}–{max(i):,.0f}) | "
                    f"{statistics.median(c):.2f} ({min(c):.2f}–{max(c):.2f}) |")
 for w, servers in data.items():
     if "tiercache/malloc" in servers and "nbdkit/memory" in servers:

@@ -174,3 +174,127 @@ fn core_lists_parse_and_reject_garbage() {
     assert!(ReactorConfig::parse_core_list("3-1").is_err());
     assert!(ReactorConfig::parse_core_list("x").is_err());
 }
+
+/// Receive everything until `want` bytes arrived, through a multishot receive.
+async fn recv_multi_all(st: &mut reactor::net::RecvMulti, want: usize) -> Result<Vec<u8>, String> {
+    let mut got = Vec::new();
+    while got.len() < want {
+        match std::future::poll_fn(|cx| st.poll_recv(cx)).await {
+            reactor::net::RecvEvent::Data { bid, len } => {
+                got.extend_from_slice(st.chunk(bid, len));
+                st.recycle(bid);
+            }
+            other => return Err(format!("unexpected {other:?} after {} bytes", got.len())),
+        }
+    }
+    Ok(got)
+}
+
+fn multishot_round_trip(defer_taskrun: bool) {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let cfg = ReactorConfig { defer_taskrun, ..ReactorConfig::unpinned(1) };
+    let s = ReactorSet::start(cfg).unwrap();
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    // More data than the provided buffers hold at once (4 × 1 KiB): the receive ends with
+    // ENOBUFS and must re-arm itself.
+    let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            b.write_all(&data).unwrap();
+            b
+        })
+    };
+    let fd = a.as_raw_fd();
+    let n = data.len();
+    let r = s
+        .block_on(0, move || async move {
+            let mut st = reactor::net::RecvMulti::new(fd, 4, 1024).map_err(|e| e.to_string())?;
+            let first = recv_multi_all(&mut st, n / 2).await?;
+            // Pause: what arrived before is delivered, then Paused; polling again resumes.
+            st.pause();
+            let mut rest = first;
+            loop {
+                match std::future::poll_fn(|cx| st.poll_recv(cx)).await {
+                    reactor::net::RecvEvent::Data { bid, len } => {
+                        rest.extend_from_slice(st.chunk(bid, len));
+                        st.recycle(bid);
+                    }
+                    reactor::net::RecvEvent::Paused => break,
+                    other => return Err(format!("unexpected {other:?} while pausing")),
+                }
+            }
+            let more = recv_multi_all(&mut st, n - rest.len()).await?;
+            rest.extend_from_slice(&more);
+            Ok::<_, String>((rest, st))
+        })
+        .unwrap();
+    let (got, st) = r.unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes differ");
+    // The peer closes: EOF. Dropping a stream whose receive is armed cancels it.
+    let mut b = writer.join().unwrap();
+    b.flush().unwrap();
+    drop(b);
+    let end = s
+        .block_on(0, move || async move {
+            let mut st = st;
+            let ev = std::future::poll_fn(|cx| st.poll_recv(cx)).await;
+            let (c, _d) = std::os::unix::net::UnixStream::pair().unwrap();
+            let armed = reactor::net::RecvMulti::new(c.as_raw_fd(), 2, 512).unwrap();
+            let mut armed = armed;
+            // Arm it (nothing to read), then drop it with the receive in flight.
+            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(armed.poll_recv(cx).is_pending())).await;
+            drop(armed);
+            reactor::sleep(Duration::from_millis(20)).await;
+            drop(c);
+            (ev, polled, reactor::uring_stats().map(|u| u.submitted))
+        })
+        .unwrap();
+    assert_eq!(end.0, reactor::net::RecvEvent::Eof);
+    assert!(end.1, "an idle socket's multishot receive is pending");
+    s.stop();
+}
+
+#[test]
+fn multishot_receive_delivers_a_stream_in_order_pauses_and_ends() {
+    multishot_round_trip(false);
+}
+
+#[test]
+fn multishot_receive_with_defer_taskrun() {
+    multishot_round_trip(true);
+}
+
+#[test]
+fn vectored_send_sends_pieces_of_owned_buffers_in_order() {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let s = set(1);
+    let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let fd = a.as_raw_fd();
+    let (sent, bufs) = s
+        .block_on(0, move || async move {
+            let mut v = reactor::net::IoVecs::new();
+            let h = v.push_buf(IoBuf::from_slice(b"0123456789"));
+            let d = v.push_buf(IoBuf::from_slice(b"abcdef"));
+            assert!(v.push_seg(h, 0, 3));
+            assert!(v.push_seg(h, 3, 2)); // merged with the previous piece
+            assert!(v.push_seg(d, 1, 4));
+            assert!(v.push_seg(h, 8, 2));
+            assert!(!v.push_seg(d, 4, 3), "a piece past the end of its buffer is refused");
+            assert_eq!((v.segs(), v.total()), (3, 11));
+            // Skip 2 bytes, as after a short send.
+            let (r, mut v) = reactor::net::sendv(fd, v, 2).await;
+            let n = v.clear().count();
+            (r.map_err(|e| e.to_string()), n)
+        })
+        .unwrap();
+    assert_eq!(sent, Ok(9));
+    assert_eq!(bufs, 2);
+    let mut got = [0u8; 9];
+    b.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"234bcde89");
+    s.stop();
+}

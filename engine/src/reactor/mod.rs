@@ -70,6 +70,11 @@ pub struct ReactorConfig {
     /// in lock-step; measured on this project's virtio disk at QD 32, 4K randread:
     /// batch 1 ≈ 138k IOPS, batch 0 ≈ 118k, fio io_uring ≈ 131k (docs/benchmarks.md).
     pub submit_batch: u32,
+    /// Set up the rings with `IORING_SETUP_DEFER_TASKRUN` (kernel 6.1+; falls back without
+    /// it): completion task work runs only when the reactor enters the kernel to reap, never
+    /// on the way out of other syscalls or interrupts. Default off: on this project's VM it
+    /// measured no better than COOP_TASKRUN for the NBD server (docs/benchmarks.md, NBD).
+    pub defer_taskrun: bool,
     /// Thread name prefix.
     pub name: String,
 }
@@ -122,6 +127,7 @@ impl Default for ReactorConfig {
             ring_entries: 512,
             inbox_capacity: 4096,
             submit_batch: 1,
+            defer_taskrun: false,
             name: "reactor".into(),
         }
     }
@@ -683,7 +689,12 @@ fn reactor_main(
             log::warn!("reactor {index}: could not pin to core {core}; running unpinned");
         }
     }
-    let uring = match uring::Uring::new(set.config.ring_entries, set.config.submit_batch, shared.eventfd.as_raw_fd()) {
+    let uring = match uring::Uring::new(
+        set.config.ring_entries,
+        set.config.submit_batch,
+        set.config.defer_taskrun,
+        shared.eventfd.as_raw_fd(),
+    ) {
         Ok(u) => u,
         Err(e) => {
             let _ = ready.send(Err(e));

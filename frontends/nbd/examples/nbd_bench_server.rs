@@ -39,6 +39,9 @@ struct Args {
     /// Idle time after which a reactor sleeps in the kernel (microseconds).
     #[arg(long, default_value_t = 1000)]
     idle_threshold_us: u64,
+    /// Reactor rings with IORING_SETUP_DEFER_TASKRUN (for comparisons).
+    #[arg(long)]
+    defer_taskrun: bool,
     /// Export name.
     #[arg(long, default_value = "bench")]
     name: String,
@@ -51,6 +54,7 @@ fn main() -> Result<(), String> {
     let cfg = ReactorConfig {
         busy_poll: a.busy_poll,
         idle_threshold: std::time::Duration::from_micros(a.idle_threshold_us),
+        defer_taskrun: a.defer_taskrun,
         ..ReactorConfig::pinned(&cores)
     };
     let reactors = ReactorSet::start(cfg).map_err(|e| format!("reactors: {e}"))?;

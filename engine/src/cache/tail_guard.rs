@@ -129,12 +129,23 @@ impl TailGuard {
         self.window.max(min_window)
     }
 
-    /// Whether writeback should pause for one interval to (re-)measure the baseline.
+    /// Whether writeback should pause for one interval to (re-)measure the baseline: only
+    /// while the foreground reads (the last interval had reads) — a write-only or idle
+    /// foreground has no read tail to protect, and pausing for it would only slow
+    /// writeback down.
     pub fn wants_probe(&self, now: Instant) -> bool {
+        if !self.reads_active() {
+            return false;
+        }
         match self.baseline_at {
             None => true,
             Some(t) => now.saturating_duration_since(t) >= REPROBE_AFTER,
         }
+    }
+
+    /// Whether the last closed interval had foreground reads.
+    pub fn reads_active(&self) -> bool {
+        self.last_p99_ns.is_some()
     }
 
     /// How long a probe pause lasts (a couple of intervals).
@@ -213,5 +224,6 @@ mod tests {
         let mut g = TailGuard { window: 2, ..TailGuard::default() };
         let t = Instant::now() + MAX_INTERVAL;
         assert_eq!(g.tick(&fg, 10, t, 1), MAX_WINDOW);
+        assert!(!g.wants_probe(t), "no reads: nothing to probe for");
     }
 }

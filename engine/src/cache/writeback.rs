@@ -352,9 +352,9 @@ pub(crate) async fn write_back_blocks(
     dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
     let dirty = &dirty[..];
     let cache_ch = set.cache.channel()?;
-    let fg_active = !rate::summarize(&set.fg, set.created.elapsed().as_nanos() as u64, Duration::from_secs(1)).0;
-    let max_run =
-        if fg_active && !set.wb_space_urgent.load(Ordering::Acquire) { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
+    let _ = set.writeback_window(); // closes a due guard interval: is the foreground reading?
+    let fg_reads = set.tail_guard.lock().unwrap_or_else(|e| e.into_inner()).reads_active();
+    let max_run = if fg_reads && !set.wb_space_urgent.load(Ordering::Acquire) { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
     // Runs of consecutive LBAs on the same backing device.
     let mut runs: Vec<&[DirtySlot]> = Vec::new();
     let mut start = 0;

@@ -17,6 +17,9 @@
 //!   asks the migration thread to pause writeback briefly so one can be measured (also
 //!   every `REPROBE_AFTER`, as the foreground load changes).
 //!
+//! Once the window is 1 and p99 is still over the bar, the guard also *paces* writeback
+//! (a pause between runs, doubled per interval up to 20 ms, halved back when within).
+//!
 //! No foreground reads in an interval: the window opens fully (nothing to protect).
 
 use std::time::{Duration, Instant};
@@ -32,6 +35,9 @@ const MIN_SAMPLES: u64 = 200;
 const MAX_INTERVAL: Duration = Duration::from_millis(500);
 /// Allowed p99 growth over the baseline before the window shrinks.
 const SLACK: f64 = 1.25;
+/// Pacing between writeback runs: from this, doubling up to `MAX_PACE`.
+const MIN_PACE: Duration = Duration::from_micros(200);
+const MAX_PACE: Duration = Duration::from_millis(20);
 /// Re-measure the baseline this often.
 const REPROBE_AFTER: Duration = Duration::from_secs(10);
 
@@ -45,6 +51,9 @@ pub struct TailGuard {
     baseline_p99_ns: Option<f64>,
     baseline_at: Option<Instant>,
     window: usize,
+    /// Pause between writeback runs once the window is 1 and p99 is still over the bar
+    /// (AIMD too: doubled while over, halved while within; zero below `MIN_PACE`).
+    pace: Duration,
     /// p99 of the last closed interval, ns (None: no reads in it).
     pub last_p99_ns: Option<u64>,
 }
@@ -58,6 +67,7 @@ impl Default for TailGuard {
             baseline_p99_ns: None,
             baseline_at: None,
             window: MAX_WINDOW,
+            pace: Duration::ZERO,
             last_p99_ns: None,
         }
     }
@@ -111,6 +121,7 @@ impl TailGuard {
         self.last_p99_ns = p99;
         let Some(p99) = p99 else {
             self.window = MAX_WINDOW;
+            self.pace = Duration::ZERO;
             return self.window;
         };
         if !wb_active {
@@ -119,7 +130,15 @@ impl TailGuard {
             self.baseline_at = Some(now);
         } else if let Some(b) = self.baseline_p99_ns {
             if p99 as f64 > SLACK * b {
+                if self.window == 1 {
+                    self.pace = (self.pace * 2).clamp(MIN_PACE, MAX_PACE);
+                }
                 self.window = (self.window / 2).max(1);
+            } else if !self.pace.is_zero() {
+                self.pace /= 2;
+                if self.pace < MIN_PACE {
+                    self.pace = Duration::ZERO;
+                }
             } else {
                 self.window = (self.window + 1).min(MAX_WINDOW);
             }
@@ -151,6 +170,11 @@ impl TailGuard {
     /// How long a probe pause lasts (a couple of intervals).
     pub fn probe_pause() -> Duration {
         3 * INTERVAL
+    }
+
+    /// Pause before the next writeback run (zero: none).
+    pub fn pace(&self) -> Duration {
+        self.pace
     }
 
     pub fn baseline_p99_ns(&self) -> Option<f64> {
@@ -212,9 +236,16 @@ mod tests {
         // p99 10x: halved.
         let (w3, _) = step(&mut g, 500_000, 4);
         assert_eq!(w3, (w2 / 2).max(1));
-        // Never below the caller's minimum.
+        // Never below the caller's minimum; at window 1 and still over the bar, runs are paced.
         let (w4, t) = step(&mut g, 500_000, 5);
         assert!(w4 >= 1);
+        let mut k = 0;
+        while g.pace().is_zero() {
+            k += 1;
+            assert!(k < 10, "no pacing at window 1 with p99 10x the baseline");
+            feed(&fg[0], 500_000, 500);
+            g.tick(&fg, 100 + k, t + INTERVAL * k as u32, 1);
+        }
         assert!(g.tick(&fg, 6, t + INTERVAL, 8) >= 8);
     }
 

@@ -405,6 +405,12 @@ pub(crate) async fn write_back_blocks(
             }
         }
         let Some(r) = in_flight.next().await else { break };
+        if !set.wb_space_urgent.load(Ordering::Acquire) {
+            let pace = set.tail_guard.lock().unwrap_or_else(|e| e.into_inner()).pace();
+            if !pace.is_zero() {
+                crate::reactor::sleep(pace).await;
+            }
+        }
         if let Some((idx, w)) = r? {
             written.extend(w);
             if !touched.contains(&idx) {

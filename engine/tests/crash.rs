@@ -221,8 +221,8 @@ fn crash_point(seed: u64) -> Result<u64, String> {
     // With TIERCACHE_CRASH_MODE_SWITCH=1 a third of the points switch the cache mode back
     // and forth under the workload, so writes also go straight to the backing device
     // (writethrough, writearound) over dirty cached versions, and FLUSHes must cover those
-    // direct writes too. Opt-in: it still finds 1-2 violations per 1000 points (a stale
-    // cached version replayed over newer backing data; docs/testing.md).
+    // direct writes too. Opt-in: it still finds about one violation per 1000 points
+    // (docs/testing.md).
     let flip_modes = rng.gen_ratio(1, 3) && std::env::var("TIERCACHE_CRASH_MODE_SWITCH").is_ok_and(|v| v == "1");
     let modes = [CacheMode::WriteBack, CacheMode::WriteThrough, CacheMode::WriteAround, CacheMode::None];
     let mut next_flip = Instant::now();

@@ -411,6 +411,8 @@ pub struct CacheSet {
     pub(crate) tail_guard: Mutex<super::tail_guard::TailGuard>,
     /// Writeback I/Os issued (cache reads and backing writes), for the tail guard.
     pub(crate) wb_ios: AtomicU64,
+    /// Writeback runs skipped because a direct write held their blocks.
+    pub(crate) wb_claim_skips: AtomicU64,
     /// Writers are waiting for log space (or free segments are below the low watermark):
     /// writeback runs at its full window regardless of the foreground.
     pub(crate) wb_space_urgent: AtomicBool,
@@ -473,6 +475,7 @@ impl CacheSet {
             fg: (0..n_reactors).map(|_| Default::default()).collect(),
             tail_guard: Mutex::new(Default::default()),
             wb_ios: AtomicU64::new(0),
+            wb_claim_skips: AtomicU64::new(0),
             wb_space_urgent: AtomicBool::new(false),
             writeback_rate: Mutex::new(super::rate::Decision::Idle),
             created: Instant::now(),

@@ -283,6 +283,7 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         dirty.extend(set.index.dirty_slots(&part, seg).map_err(|_| Errno::EIO)?);
     }
     part.offline();
+    let skips_before = set.wb_claim_skips.load(Ordering::Acquire);
     if !dirty.is_empty() {
         let written = write_back(set, dirty)?;
         part.online();
@@ -293,6 +294,16 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
         set.counters.writeback_blocks.fetch_add(written.len() as u64, Ordering::Relaxed);
     }
     drop(part);
+    if set.wb_claim_skips.load(Ordering::Acquire) != skips_before {
+        // A dirty block of the batch was skipped because a direct write held it. Its
+        // segment must not be declared written back yet: the direct write's tombstone may
+        // not exist (let alone be durable), and replay would take the old version for
+        // clean — and reclaim could then drop the only copy of a FLUSHed write (crash
+        // harness, mode switches: a block read back as version 0 after its version 1 was
+        // FLUSHed). Retry the round once the direct write is done.
+        std::thread::sleep(Duration::from_millis(1));
+        return Ok(true);
+    }
     let last = batch.last().map(|b| b.0).unwrap_or(0);
     // Everything up to `last` must be clean: an older segment still open on some reactor
     // would otherwise be taken for written back at replay.
@@ -385,7 +396,10 @@ pub(crate) async fn write_back_blocks(
                 writeback: true,
             };
             if !set.claim_writeback(range) {
-                return Ok(None); // a direct write owns these blocks right now
+                // A direct write owns these blocks right now: the round must not count
+                // them as handled (see write_back_batch).
+                set.wb_claim_skips.fetch_add(1, Ordering::AcqRel);
+                return Ok(None);
             }
             let res = write_run(set, &cache_ch, &backing, run).await;
             set.release_range(range);

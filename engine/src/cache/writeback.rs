@@ -46,6 +46,17 @@ impl Kick {
     }
 }
 
+/// What the tail guard allows writeback right now.
+#[derive(Copy, Clone, Debug)]
+pub(crate) struct WritebackPacing {
+    /// Runs in flight.
+    pub window: usize,
+    /// Pause before starting the next run.
+    pub pace: Duration,
+    /// The foreground is reading (writeback runs are kept small).
+    pub fg_reads: bool,
+}
+
 /// Blocks per merged backing write.
 const MAX_RUN_BLOCKS: usize = 256;
 /// Blocks per merged backing write while foreground reads run (and no writer waits for
@@ -103,17 +114,19 @@ impl CacheSet {
         self.kick.kick();
     }
 
-    /// Writeback I/Os allowed in flight now: the full window when writers wait for space,
-    /// else what the tail guard allows (at least 4 while a drain was asked for, so a
-    /// flush or detach under load still finishes).
-    pub(crate) fn writeback_window(&self) -> usize {
-        if self.wb_space_urgent.load(Ordering::Acquire) {
-            return super::tail_guard::MAX_WINDOW;
-        }
+    /// How writeback may run now (one tail-guard tick): with writers waiting for space,
+    /// full window and no pacing whatever the foreground; else what the guard allows (a
+    /// window of at least 4 while a drain was asked for, so a flush or detach under load
+    /// still finishes).
+    pub(crate) fn writeback_pacing(&self) -> WritebackPacing {
         let min = if self.drain_requested.load(Ordering::Acquire) { 4 } else { 1 };
         let wb_ios = self.wb_ios.load(Ordering::Relaxed);
         let mut g = self.tail_guard.lock().unwrap_or_else(|e| e.into_inner());
-        g.tick(&self.fg, wb_ios, std::time::Instant::now(), min)
+        let window = g.tick(&self.fg, wb_ios, std::time::Instant::now(), min);
+        if self.wb_space_urgent.load(Ordering::Acquire) {
+            return WritebackPacing { window: super::tail_guard::MAX_WINDOW, pace: Duration::ZERO, fg_reads: false };
+        }
+        WritebackPacing { window, pace: g.pace(), fg_reads: g.reads_active() }
     }
 
     /// Live dirty blocks in the whole set.
@@ -161,7 +174,7 @@ fn migration_main(set: Arc<CacheSet>) {
             ctl.decide(&knobs, Inputs { dirty_fraction, urgent, foreground_idle: fg_idle, fg_latency_ns: fg_lat });
         *set.writeback_rate.lock().unwrap_or_else(|e| e.into_inner()) = decision;
         if decision == Decision::Idle {
-            let _ = set.writeback_window(); // keeps the guard's baseline current
+            let _ = set.writeback_pacing(); // keeps the guard's baseline current
             continue;
         }
         // Foreground reads running and no baseline for their p99 (or an old one): pause
@@ -172,7 +185,7 @@ fn migration_main(set: Arc<CacheSet>) {
                 let until = std::time::Instant::now() + super::tail_guard::TailGuard::probe_pause();
                 while std::time::Instant::now() < until && !set.stopping.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(5));
-                    let _ = set.writeback_window();
+                    let _ = set.writeback_pacing();
                 }
                 continue;
             }
@@ -363,9 +376,7 @@ pub(crate) async fn write_back_blocks(
     dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
     let dirty = &dirty[..];
     let cache_ch = set.cache.channel()?;
-    let _ = set.writeback_window(); // closes a due guard interval: is the foreground reading?
-    let fg_reads = set.tail_guard.lock().unwrap_or_else(|e| e.into_inner()).reads_active();
-    let max_run = if fg_reads && !set.wb_space_urgent.load(Ordering::Acquire) { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
+    let max_run = if set.writeback_pacing().fg_reads { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
     // Runs of consecutive LBAs on the same backing device.
     let mut runs: Vec<&[DirtySlot]> = Vec::new();
     let mut start = 0;
@@ -406,30 +417,28 @@ pub(crate) async fn write_back_blocks(
             res.map(|w| Some((backing.idx.0, w)))
         }
     });
-    // The window is the tail guard's: it changes while the batch runs.
+    // The window and the pace are the tail guard's: they change while the batch runs.
     let mut futs = futs.peekable();
     let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut pacing = set.writeback_pacing();
     loop {
-        let window = set.writeback_window();
-        debug_assert!((1..=super::tail_guard::MAX_WINDOW).contains(&window));
-        while in_flight.len() < window {
+        debug_assert!((1..=super::tail_guard::MAX_WINDOW).contains(&pacing.window));
+        while in_flight.len() < pacing.window {
             match futs.next() {
                 Some(f) => in_flight.push(f),
                 None => break,
             }
         }
         let Some(r) = in_flight.next().await else { break };
-        if !set.wb_space_urgent.load(Ordering::Acquire) {
-            let pace = set.tail_guard.lock().unwrap_or_else(|e| e.into_inner()).pace();
-            if !pace.is_zero() {
-                crate::reactor::sleep(pace).await;
-            }
-        }
         if let Some((idx, w)) = r? {
             written.extend(w);
             if !touched.contains(&idx) {
                 touched.push(idx);
             }
+        }
+        pacing = set.writeback_pacing();
+        if !pacing.pace.is_zero() {
+            crate::reactor::sleep(pacing.pace).await;
         }
     }
     debug_assert!(futs.peek().is_none() && in_flight.is_empty());

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::failure::{BackingState, DRAIN_WAIT_LIMIT};
-use super::index::{EntryKind, Hit, PromotionTicket};
+use super::index::{BlockKey, EntryKind, Hit, PromotionTicket};
 use super::log::{IoPath, ReactorLog};
 use super::ondisk::CacheMode;
 use super::promote::StreamDetector;
@@ -164,7 +164,7 @@ const MAX_READ_ATTEMPTS: usize = 16;
 
 /// A promotion candidate: block index in the request, key, index ticket, direct-write
 /// epoch (all taken before the backing read).
-type Candidate = (usize, super::index::BlockKey, PromotionTicket, u64);
+type Candidate = (usize, BlockKey, PromotionTicket, u64);
 /// Promotion tasks pending per reactor; past this a read miss skips its promotion.
 const MAX_PROMOTIONS_IN_FLIGHT: usize = 64;
 
@@ -221,19 +221,26 @@ impl Inner {
     /// over it once the claim is gone. Until the superseding record is placed a read may
     /// still see the old version — the write has not completed, so either is correct — and
     /// a power cut replays the old version, which no FLUSH covering this write has seen.
-    fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64) {
+    ///
+    /// Returns the blocks that were cached: the ones to invalidate (no allocation when
+    /// none was).
+    fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64) -> Vec<BlockKey> {
         let set = self.set();
-        self.log.with_participant(|p| {
+        let cached = self.log.with_participant(|p| {
+            let mut cached = Vec::new();
             for lba in lba0..lba0 + n {
                 let Some(key) = CacheSet::key(self.backing.idx, lba) else { continue };
                 if let Some(h) = set.index.lookup(p, key) {
                     if h.dirty {
                         set.index.mark_clean(p, h.slot, h.gen);
                     }
+                    cached.push(key);
                 }
             }
+            cached
         });
         drop(range);
+        cached
     }
 
     /// Whether a write of `len` bytes at `offset` would wait for log space and none of its
@@ -528,8 +535,8 @@ impl Inner {
         if let Err(e) = c.status {
             return (Err(e), c.buf);
         }
-        self.release_direct(range, offset / bs, n);
-        let r = match self.invalidate(offset / bs, n).await {
+        let cached = self.release_direct(range, offset / bs, n);
+        let r = match self.invalidate(&cached).await {
             Ok(placed) if placed > 0 && fua_asked => self.log_records_durable().await,
             r => r.map(drop),
         };
@@ -537,16 +544,12 @@ impl Inner {
     }
 
     /// Tombstones for the cached blocks among `n` from `lba0`; returns how many it placed.
-    async fn invalidate(&self, lba0: u64, n: u64) -> Result<u64, Errno> {
-        let mut placed = 0;
-        for lba in lba0..lba0 + n {
-            let key = CacheSet::key(self.backing.idx, lba).ok_or(Errno::EINVAL)?;
-            if self.log.lookup(key).is_some() {
-                self.log.put_block(key, None, EntryKind::Tombstone).await?;
-                placed += 1;
-            }
+    /// Tombstones for `cached` (from `release_direct`); returns how many it placed.
+    async fn invalidate(&self, cached: &[BlockKey]) -> Result<usize, Errno> {
+        for &key in cached {
+            self.log.put_block(key, None, EntryKind::Tombstone).await?;
         }
-        Ok(placed)
+        Ok(cached.len())
     }
 
     /// Unmap and write-zeroes: the range reads as zeros afterwards.
@@ -569,8 +572,8 @@ impl Inner {
                     // Zeroes durable before the tombstones (see `any_dirty`).
                     self.flush_backing().await?;
                 }
-                self.release_direct(range, lba0, n);
-                self.invalidate(lba0, n).await.map(drop)
+                let cached = self.release_direct(range, lba0, n);
+                self.invalidate(&cached).await.map(drop)
             }
         }
     }

@@ -326,28 +326,32 @@ async fn dispatch(conn: &Rc<Conn>, req: Request, payload: Option<IoBuf>) {
     }
 }
 
+/// Send `total` bytes of `owned` completely, one `send(owned, bytes_sent_so_far)` after
+/// another (short sends and EINTR/EAGAIN continue; 0 bytes is EPIPE). `owned` always
+/// comes back.
+async fn send_fully<T, F>(mut owned: T, total: usize, mut send: impl FnMut(T, usize) -> F) -> (Result<(), Errno>, T)
+where
+    F: std::future::Future<Output = (Result<usize, Errno>, T)>,
+{
+    let mut at = 0;
+    while at < total {
+        let (r, back) = send(owned, at).await;
+        owned = back;
+        match r {
+            Ok(0) => return (Err(Errno(libc::EPIPE)), owned),
+            Ok(n) => at += n,
+            Err(e) if e == Errno::EINTR || e == Errno::EAGAIN => {}
+            Err(e) => return (Err(e), owned),
+        }
+    }
+    (Ok(()), owned)
+}
+
 /// Send `buf[..len]` completely. The buffer always comes back.
 async fn send_all(fd: RawFd, mut buf: IoBuf, len: usize) -> (Result<(), Errno>, IoBuf) {
     let full = buf.len();
     buf.set_len(len);
-    let mut at = 0;
-    let mut res = Ok(());
-    while at < len {
-        let (r, b) = net::send(fd, buf, at).await;
-        buf = b;
-        match r {
-            Ok(0) => {
-                res = Err(Errno(libc::EPIPE));
-                break;
-            }
-            Ok(n) => at += n,
-            Err(e) if e == Errno::EINTR || e == Errno::EAGAIN => {}
-            Err(e) => {
-                res = Err(e);
-                break;
-            }
-        }
-    }
+    let (res, mut buf) = send_fully(buf, len, |b, at| net::send(fd, b, at)).await;
     buf.set_len(full);
     (res, buf)
 }
@@ -356,25 +360,7 @@ async fn send_all(fd: RawFd, mut buf: IoBuf, len: usize) -> (Result<(), Errno>, 
 /// drop its buffers but the first (the header buffer), which is returned.
 async fn send_vecs(fd: RawFd, v: net::IoVecs) -> (Result<(), Errno>, net::IoVecs, Option<IoBuf>) {
     let total = v.total();
-    let mut v = v;
-    let mut at = 0;
-    let mut res = Ok(());
-    while at < total {
-        let (r, back) = net::sendv(fd, v, at).await;
-        v = back;
-        match r {
-            Ok(0) => {
-                res = Err(Errno(libc::EPIPE));
-                break;
-            }
-            Ok(n) => at += n,
-            Err(e) if e == Errno::EINTR || e == Errno::EAGAIN => {}
-            Err(e) => {
-                res = Err(e);
-                break;
-            }
-        }
-    }
+    let (res, mut v) = send_fully(v, total, |v, at| net::sendv(fd, v, at)).await;
     let first = v.clear().next();
     (res, v, first)
 }

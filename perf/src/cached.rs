@@ -696,3 +696,44 @@ impl CachedTarget {
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cache: &str) -> CachedSpec {
+        CachedSpec {
+            cache_path: PathBuf::from(cache),
+            backing_path: PathBuf::from("/dev/null"),
+            backing_delay_us: None,
+            format: true,
+            segment_size: 512 << 10,
+            mode: CacheMode::WriteBack,
+            block_size: 4096,
+            promote_after: None,
+            seq_cutoff: None,
+            writeback_low_pct: None,
+            writeback_percent: None,
+            migration_core: None,
+            drain: Drain::No,
+        }
+    }
+
+    #[test]
+    fn cache_malloc_size_is_parsed_and_bad_sizes_are_refused() {
+        assert_eq!(spec("/data/cache.img").cache_malloc_bytes(), Ok(None));
+        assert_eq!(spec("malloc:64M").cache_malloc_bytes(), Ok(Some(64 << 20)));
+        for bad in ["malloc:0", "malloc:12345", "malloc:lots"] {
+            let e = spec(bad).cache_malloc_bytes().expect_err(bad);
+            assert!(e.contains("malloc:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_migration_core_makes_the_reactor_after_the_job_reactors_the_migration_reactor() {
+        let mut s = spec("malloc:64M");
+        assert_eq!(s.options(2).migration_reactor, None);
+        s.migration_core = Some(0);
+        assert_eq!(s.options(2).migration_reactor, Some(2));
+    }
+}

@@ -63,6 +63,11 @@ const MAX_RUN_BLOCKS: usize = 256;
 /// space): a 4 KiB read queued behind a 1 MiB writeback I/O waits ~8x longer than behind
 /// a 128 KiB one.
 const FG_RUN_BLOCKS: usize = 32;
+/// Most bytes of cache-device segments read ahead per writeback pass (see `Prefetch`).
+const PREFETCH_MAX_BYTES: usize = 16 << 20;
+/// A segment is read ahead whole (from its first to its last dirty slot) when at least
+/// one slot in this many of that stretch is to be written back.
+const PREFETCH_MIN_DENSITY: usize = 4;
 
 impl CacheSet {
     /// Free segments below which writeback starts.
@@ -376,7 +381,14 @@ pub(crate) async fn write_back_blocks(
     dirty.sort_unstable_by_key(|d| (d.key.backing().0, d.key.lba().0));
     let dirty = &dirty[..];
     let cache_ch = set.cache.channel()?;
-    let max_run = if set.writeback_pacing().fg_reads { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
+    let fg_reads = set.writeback_pacing().fg_reads;
+    let max_run = if fg_reads { FG_RUN_BLOCKS } else { MAX_RUN_BLOCKS };
+    // Random writes leave each segment's blocks scattered over the backing device: one
+    // cache read per block would double the device I/Os of writeback. Read dense segments
+    // whole instead — not while the foreground reads, whose tail a long read would hold
+    // up (the tail guard's concern).
+    let prefetch = if fg_reads { Prefetch::default() } else { Prefetch::load(set, &cache_ch, dirty).await? };
+    let prefetch = &prefetch;
     // Runs of consecutive LBAs on the same backing device.
     let mut runs: Vec<&[DirtySlot]> = Vec::new();
     let mut start = 0;
@@ -412,7 +424,7 @@ pub(crate) async fn write_back_blocks(
                 set.wb_claim_skips.fetch_add(1, Ordering::AcqRel);
                 return Ok(None);
             }
-            let res = write_run(set, &cache_ch, &backing, run).await;
+            let res = write_run(set, &cache_ch, &backing, run, prefetch).await;
             set.release_range(range);
             res.map(|w| Some((backing.idx.0, w)))
         }
@@ -462,6 +474,7 @@ async fn write_run(
     cache_ch: &std::rc::Rc<crate::bdev::IoChannel>,
     backing: &Arc<super::set::Backing>,
     run: &[DirtySlot],
+    prefetch: &Prefetch,
 ) -> Result<Vec<DirtySlot>, Errno> {
     let bs = set.block_size() as usize;
     let log = set.local()?;
@@ -486,13 +499,18 @@ async fn write_run(
             bch.write_zeroes(off, len as u64).await.status
         } else {
             // Blocks written in order sit in consecutive slots of a segment: read each such
-            // stretch with one I/O.
+            // stretch with one I/O (unless read ahead already).
             let mut data = IoBuf::new(len);
             let mut spans: Vec<(usize, usize)> = Vec::new(); // (first index in part, count)
             for k in 0..part.len() {
+                if let Some(b) = prefetch.block(set, part[k].slot) {
+                    data[k * bs..(k + 1) * bs].copy_from_slice(b);
+                    continue;
+                }
                 match spans.last_mut() {
                     Some((first, n))
-                        if part[k].slot.0 == part[*first].slot.0 + *n as u32
+                        if k == *first + *n
+                            && part[k].slot.0 == part[*first].slot.0 + *n as u32
                             && set.geom.slot_location(part[k].slot).0
                                 == set.geom.slot_location(part[*first].slot).0 =>
                     {
@@ -528,4 +546,63 @@ async fn write_run(
         i = j;
     }
     Ok(live)
+}
+
+/// Cache-device segments read ahead whole for one writeback pass: segment → (byte offset
+/// of its first read slot on the cache device, data). Slots of a segment in the batch
+/// cannot change while it is written back: the segment is sealed, written and above
+/// `writeback_seq`, so it cannot be reclaimed (let alone reused) before the pass ends.
+#[derive(Default)]
+struct Prefetch {
+    segs: std::collections::HashMap<u32, (u64, IoBuf)>,
+}
+
+impl Prefetch {
+    /// Read the dense segments of `dirty` (at most `PREFETCH_MAX_BYTES` in all).
+    async fn load(
+        set: &Arc<CacheSet>,
+        cache_ch: &std::rc::Rc<crate::bdev::IoChannel>,
+        dirty: &[DirtySlot],
+    ) -> Result<Prefetch, Errno> {
+        let bs = set.block_size() as usize;
+        // segment → (first slot index, last slot index, blocks with data)
+        let mut spans: std::collections::BTreeMap<u32, (u32, u32, usize)> = std::collections::BTreeMap::new();
+        for d in dirty.iter().filter(|d| !d.zero) {
+            let (seg, i) = set.geom.slot_location(d.slot);
+            let e = spans.entry(seg.0).or_insert((i, i, 0));
+            e.0 = e.0.min(i);
+            e.1 = e.1.max(i);
+            e.2 += 1;
+        }
+        let mut budget = PREFETCH_MAX_BYTES;
+        let mut picked = Vec::new();
+        for (seg, (lo, hi, n)) in spans {
+            let len = (hi - lo + 1) as usize * bs;
+            if n < 2 || n * bs * PREFETCH_MIN_DENSITY < len || len > budget {
+                continue;
+            }
+            budget -= len;
+            picked.push((seg, set.geom.slot_offset(SegmentId(seg), lo), len));
+        }
+        set.wb_ios.fetch_add(picked.len() as u64, Ordering::Relaxed);
+        let reads = picked.iter().map(|&(_, off, len)| cache_ch.read(off, IoBuf::new(len)));
+        let mut segs = std::collections::HashMap::with_capacity(picked.len());
+        for (&(seg, off, _), c) in picked.iter().zip(join_all(reads).await) {
+            if let Err(e) = c.status {
+                set.note_cache_error(e, "writeback read");
+                return Err(e);
+            }
+            segs.insert(seg, (off, c.buf.ok_or(Errno::EIO)?));
+        }
+        Ok(Prefetch { segs })
+    }
+
+    /// The read-ahead data of `slot`, if its segment was read ahead.
+    fn block<'a>(&'a self, set: &CacheSet, slot: super::index::SlotId) -> Option<&'a [u8]> {
+        let (seg, _) = set.geom.slot_location(slot);
+        let (base, buf) = self.segs.get(&seg.0)?;
+        let bs = set.block_size() as usize;
+        let off = set.geom.slot_id_offset(slot).checked_sub(*base)? as usize;
+        buf.get(off..off + bs)
+    }
 }

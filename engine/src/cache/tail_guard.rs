@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use super::rate::{FgStat, LAT_BUCKETS};
 
 /// The largest window (writeback runs in flight).
-pub const MAX_WINDOW: usize = 64;
+pub const MAX_WINDOW: usize = 128;
 /// Shortest interval the p99 is taken over.
 const INTERVAL: Duration = Duration::from_millis(20);
 /// An interval closes early only with this many reads; else it runs up to `MAX_INTERVAL`.

@@ -507,6 +507,8 @@ impl ReactorLog {
             let set = &me.set;
             match c.status {
                 Ok(()) => {
+                    // Before the seal's waiters wake: a flush they issue must see it.
+                    set.cache_writes.note_completed();
                     set.counters.segments_written.fetch_add(1, Ordering::Relaxed);
                     if let Some(s) = set.sealed.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&seq.0) {
                         s.written = true;

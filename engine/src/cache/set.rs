@@ -277,34 +277,35 @@ pub struct Backing {
     pub(crate) errors: super::failure::ErrorCounter,
     pub(crate) offline_since: Mutex<Option<Instant>>,
     /// Writes that went straight to this device, for the FLUSHes that must cover them.
-    pub(crate) direct: DirectWrites,
+    /// Writes that went straight to this backing device (writethrough, writearound,
+    /// sequential and full-log bypasses), for the FLUSHes that must cover them.
+    pub(crate) direct: WriteGen,
 }
 
-/// Writes that went straight to a backing device (writethrough, writearound, sequential
-/// and full-log bypasses) and the FLUSHes that must cover them. Generation numbers, not a
-/// flag: a FLUSH that finds the last completed backing flush covering every direct write
-/// completed before it may skip its own; a flag cleared by a concurrent FLUSH whose backing
-/// flush is still running would let a second FLUSH complete too early.
+/// Writes completed on a device and the flushes that cover them. Generation numbers, not a
+/// flag: a flush that finds the last completed flush covering every write completed before
+/// it may skip its own; a flag cleared by a concurrent flush still running would let a
+/// second caller go on too early.
 #[derive(Default)]
-pub(crate) struct DirectWrites {
-    /// Direct writes completed so far.
+pub(crate) struct WriteGen {
+    /// Writes completed so far.
     completed: AtomicU64,
     /// The `completed` count covered by the newest completed backing flush.
     flushed: AtomicU64,
 }
 
-impl DirectWrites {
+impl WriteGen {
     pub(crate) fn note_completed(&self) {
         self.completed.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The count a FLUSH issued now must cover, if the backing device needs a flush.
+    /// The count a flush issued now must cover, if the device needs one.
     pub(crate) fn flush_needed(&self) -> Option<u64> {
         let done = self.completed.load(Ordering::Acquire);
         (self.flushed.load(Ordering::Acquire) < done).then_some(done)
     }
 
-    /// A backing flush issued after `covered` direct writes had completed has completed.
+    /// A flush issued after `covered` writes had completed has completed.
     pub(crate) fn note_flushed(&self, covered: u64) {
         self.flushed.fetch_max(covered, Ordering::AcqRel);
         debug_assert!(self.flushed.load(Ordering::Acquire) <= self.completed.load(Ordering::Acquire));
@@ -418,6 +419,9 @@ pub struct CacheSet {
     pub(crate) wb_space_urgent: AtomicBool,
     /// The rate controller's last decision (for stats).
     pub(crate) writeback_rate: Mutex<super::rate::Decision>,
+    /// Writes completed on the cache device (segments, superblock) and the flushes that
+    /// covered them (`flush_cache`).
+    pub(crate) cache_writes: WriteGen,
     pub(crate) created: Instant,
     pub(crate) rounds_started: AtomicU64,
     pub(crate) rounds_done: AtomicU64,
@@ -478,6 +482,7 @@ impl CacheSet {
             wb_claim_skips: AtomicU64::new(0),
             wb_space_urgent: AtomicBool::new(false),
             writeback_rate: Mutex::new(super::rate::Decision::Idle),
+            cache_writes: WriteGen::default(),
             created: Instant::now(),
             rounds_started: AtomicU64::new(0),
             rounds_done: AtomicU64::new(0),
@@ -583,10 +588,12 @@ impl CacheSet {
         let bytes = pending.bytes();
         let mut buf = IoBuf::new(bytes.len());
         buf.copy_from_slice(&bytes);
-        let c = ch.write(pending.target.offset(), buf, true).await;
+        // A plain write and a flush (which covers it and everything written before it): a
+        // FUA write and a flush cost two device flushes.
+        let c = ch.write(pending.target.offset(), buf, false).await;
         c.status.map_err(|e| CacheError::Io(e, "superblock write".into()))?;
-        let c = ch.flush().await;
-        c.status.map_err(|e| CacheError::Io(e, "cache flush after superblock write".into()))?;
+        self.cache_writes.note_completed();
+        self.flush_cache(&ch).await.map_err(|e| CacheError::Io(e, "cache flush after superblock write".into()))?;
         self.sb.lock().unwrap_or_else(|e| e.into_inner()).complete_update(pending);
         Ok(())
     }
@@ -640,9 +647,20 @@ impl CacheSet {
         if self.is_failed() {
             return Err(Errno::EIO);
         }
-        let ch = self.cache.channel()?;
-        ch.flush().await.status?;
+        self.flush_cache(&self.cache.channel()?).await?;
         self.rounds_done.fetch_max(round, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Flush the cache device unless a completed flush already covers every write to it
+    /// that had completed (segments, superblock copies): a writeback round with no
+    /// foreground writes would otherwise flush an idle device several times, and a
+    /// reader behind a device flush waits milliseconds on this VM's disk.
+    pub(crate) async fn flush_cache(&self, ch: &std::rc::Rc<crate::bdev::IoChannel>) -> Result<(), Errno> {
+        if let Some(covered) = self.cache_writes.flush_needed() {
+            ch.flush().await.status?;
+            self.cache_writes.note_flushed(covered);
+        }
         Ok(())
     }
 
@@ -925,7 +943,7 @@ impl CacheSet {
             state: Default::default(),
             errors: Default::default(),
             offline_since: Mutex::new(None),
-            direct: DirectWrites::default(),
+            direct: WriteGen::default(),
         });
         let mut slots = self.backings.write().unwrap_or_else(|e| e.into_inner());
         if slots[idx.0 as usize].is_some() {

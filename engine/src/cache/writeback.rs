@@ -62,7 +62,7 @@ const MAX_RUN_BLOCKS: usize = 256;
 /// Blocks per merged backing write while foreground reads run (and no writer waits for
 /// space): a 4 KiB read queued behind a 1 MiB writeback I/O waits ~8x longer than behind
 /// a 128 KiB one.
-const FG_RUN_BLOCKS: usize = 32;
+const FG_RUN_BLOCKS: usize = 8;
 /// Most bytes of cache-device segments read ahead per writeback pass (see `Prefetch`).
 const PREFETCH_MAX_BYTES: usize = 16 << 20;
 /// A segment is read ahead whole (from its first to its last dirty slot) when at least
@@ -291,7 +291,7 @@ fn write_back_batch(set: &Arc<CacheSet>, drain: bool) -> Result<bool, Errno> {
     //    segment written but not yet flushed was lost while its writeback tore the block).
     let s = set.clone();
     set.reactors
-        .block_on(set.migration_reactor(), move || async move { s.cache.channel()?.flush().await.status })
+        .block_on(set.migration_reactor(), move || async move { s.flush_cache(&s.cache.channel()?).await })
         .map_err(|_| Errno::ESHUTDOWN)??;
     // 1. The whole batch in one pass: one LBA-sorted stream of runs, one flush per
     //    backing device at the end (not one per segment).
@@ -442,15 +442,18 @@ pub(crate) async fn write_back_blocks(
             }
         }
         let Some(r) = in_flight.next().await else { break };
+        let mut moved = 0;
         if let Some((idx, w)) = r? {
+            moved = w.len();
             written.extend(w);
             if !touched.contains(&idx) {
                 touched.push(idx);
             }
         }
         pacing = set.writeback_pacing();
-        if !pacing.pace.is_zero() {
-            crate::reactor::sleep(pacing.pace).await;
+        let pause = pacing.pace.max(rate_pause(set, &pacing, moved));
+        if !pause.is_zero() {
+            crate::reactor::sleep(pause).await;
         }
     }
     debug_assert!(futs.peek().is_none() && in_flight.is_empty());
@@ -466,6 +469,32 @@ pub(crate) async fn write_back_blocks(
     }
     Ok(written)
 }
+
+/// While the foreground reads, the rate controller's rate is kept run by run (a pause of
+/// `moved / rate` after each completed run) instead of per batch: a whole batch sent at
+/// the full window and then a sleep to make up the rate put every read issued during the
+/// burst behind dozens of writeback I/Os (QD1 read p99 3.5x its idle value in the
+/// benchmark of docs/benchmarks.md, with the tail guard's intervals spanning burst and
+/// sleep alike). Without foreground reads nothing waits behind a burst: no pause.
+fn rate_pause(set: &CacheSet, pacing: &WritebackPacing, moved: usize) -> Duration {
+    if !pacing.fg_reads || moved == 0 {
+        return Duration::ZERO;
+    }
+    match set.writeback_rate() {
+        Decision::Rate(r)
+            if {
+                eprintln!("RATE {r}");
+                true
+            } =>
+        {
+            Duration::from_secs_f64(moved as f64 / r.max(1.0)).min(MAX_RATE_PAUSE)
+        }
+        Decision::Idle | Decision::Unlimited | Decision::Rate(_) => Duration::ZERO,
+    }
+}
+
+/// Longest pause `rate_pause` takes at once (a rate change is seen within it).
+const MAX_RATE_PAUSE: Duration = Duration::from_millis(100);
 
 /// Write one claimed run: only blocks that are still the live version (a block superseded
 /// after the dirty list was taken is left to whoever superseded it).

@@ -481,15 +481,8 @@ fn rate_pause(set: &CacheSet, pacing: &WritebackPacing, moved: usize) -> Duratio
         return Duration::ZERO;
     }
     match set.writeback_rate() {
-        Decision::Rate(r)
-            if {
-                eprintln!("RATE {r}");
-                true
-            } =>
-        {
-            Duration::from_secs_f64(moved as f64 / r.max(1.0)).min(MAX_RATE_PAUSE)
-        }
-        Decision::Idle | Decision::Unlimited | Decision::Rate(_) => Duration::ZERO,
+        Decision::Rate(r) => Duration::from_secs_f64(moved as f64 / r.max(1.0)).min(MAX_RATE_PAUSE),
+        Decision::Idle | Decision::Unlimited => Duration::ZERO,
     }
 }
 

@@ -222,10 +222,16 @@ impl Inner {
     /// still see the old version — the write has not completed, so either is correct — and
     /// a power cut replays the old version, which no FLUSH covering this write has seen.
     ///
+    /// The marking is what keeps writeback off the old version once the claim is gone: the
+    /// version stays the newest in the index until the superseding record is placed, and
+    /// writeback copies a version only if, under its own claim, it is the newest AND dirty
+    /// (`write_run` in writeback.rs). So the marking must happen under this claim.
+    ///
     /// Returns the blocks that were cached: the ones to invalidate (no allocation when
     /// none was).
     fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64) -> Vec<BlockKey> {
         let set = self.set();
+        debug_assert!(set.holds_claim(range.range), "release_direct without its claim");
         let cached = self.log.with_participant(|p| {
             let mut cached = Vec::new();
             for lba in lba0..lba0 + n {

@@ -201,6 +201,11 @@ impl CacheSet {
         Some(r)
     }
 
+    /// Whether `r` is claimed (exactly this range, by its kind). For debug assertions.
+    pub(crate) fn holds_claim(&self, r: IoRange) -> bool {
+        self.io_ranges.lock().unwrap_or_else(|e| e.into_inner()).contains(&r)
+    }
+
     pub(crate) fn release_range(&self, r: IoRange) {
         let mut v = self.io_ranges.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = v.iter().position(|x| *x == r) {

@@ -489,8 +489,9 @@ fn rate_pause(set: &CacheSet, pacing: &WritebackPacing, moved: usize) -> Duratio
 /// Longest pause `rate_pause` takes at once (a rate change is seen within it).
 const MAX_RATE_PAUSE: Duration = Duration::from_millis(100);
 
-/// Write one claimed run: only blocks that are still the live version (a block superseded
-/// after the dirty list was taken is left to whoever superseded it).
+/// Write one claimed run: only blocks that are still the live version and still dirty (a
+/// block superseded, or marked clean by a direct write, after the dirty list was taken is
+/// left to whoever superseded it).
 async fn write_run(
     set: &Arc<CacheSet>,
     cache_ch: &std::rc::Rc<crate::bdev::IoChannel>,
@@ -500,8 +501,23 @@ async fn write_run(
 ) -> Result<Vec<DirtySlot>, Errno> {
     let bs = set.block_size() as usize;
     let log = set.local()?;
+    debug_assert!(set.holds_claim(IoRange {
+        backing: backing.idx.0,
+        start: run[0].key.lba().0,
+        end: run[0].key.lba().0 + run.len() as u64,
+        writeback: true,
+    }));
+    // Invariant: a version is copied to the backing device only if, under this run's
+    // claim, it is still the newest version of its block AND still dirty. A direct write
+    // marks the version it supersedes clean while it holds its own claim, and ends the
+    // claim before it places the tombstone / clean copy that supersedes it in the index
+    // (`Inner::release_direct` in bdev.rs). In that window the old version is still the
+    // newest in the index; checking only that would copy it over the direct write's newer
+    // data on the backing device, and the tombstone would then send reads (and replay) to
+    // the older data (crash harness, mode switches: "version 1 after recovery, but version
+    // 2 was covered by a FLUSH (backing holds 1)").
     let live: Vec<DirtySlot> =
-        run.iter().copied().filter(|d| log.lookup(d.key).is_some_and(|h| h.slot == d.slot)).collect();
+        run.iter().copied().filter(|d| log.lookup(d.key).is_some_and(|h| h.slot == d.slot && h.dirty)).collect();
     if live.is_empty() {
         return Ok(live);
     }
@@ -633,5 +649,160 @@ impl Prefetch {
         let off = set.geom.slot_id_offset(slot).checked_sub(*base).ok_or(Errno::EIO)? as usize;
         out.copy_from_slice(buf.get(off..off + out.len()).ok_or(Errno::EIO)?);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use crate::bdev::BdevDesc;
+    use crate::cache::index::{BlockKey, Lba};
+    use crate::cache::{self, CacheMode, CacheOptions, CachedBdev};
+    use crate::reactor::{ReactorConfig, ReactorSet};
+    use crate::sim::SimDisk;
+    use crate::IoBuf;
+
+    const BS: usize = 4096;
+
+    fn block(lba: u64, v: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS];
+        for (i, c) in b.chunks_mut(16).enumerate() {
+            c[..8].copy_from_slice(&lba.to_le_bytes());
+            c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
+        }
+        b
+    }
+
+    fn write(rs: &ReactorSet, d: &BdevDesc, r: usize, lba: u64, v: u64) {
+        let d = d.clone();
+        rs.block_on(r, move || async move {
+            d.channel().unwrap().write(lba * BS as u64, IoBuf::from_slice(&block(lba, v)), false).await.status
+        })
+        .unwrap()
+        .unwrap();
+    }
+
+    fn read(rs: &ReactorSet, d: &BdevDesc, r: usize, lba: u64) -> Vec<u8> {
+        let d = d.clone();
+        rs.block_on(r, move || async move {
+            let c = d.channel().unwrap().read(lba * BS as u64, IoBuf::new(BS)).await;
+            c.status.unwrap();
+            c.buf.unwrap().to_vec()
+        })
+        .unwrap()
+    }
+
+    /// The crash harness's mode-switch violations (a block read back older than a
+    /// completed — and FLUSHed — direct write, live or after recovery), made deterministic.
+    ///
+    /// A direct write ends its backing claim before it places the record that supersedes
+    /// the cached version (it may wait for log space there), having marked that version
+    /// clean. Writeback that listed the version as dirty before then could claim the block
+    /// in that window, find the version still the newest in the index and copy it over the
+    /// direct write's data on the backing device; the tombstone / clean copy placed next
+    /// then sends reads to — or leaves replay with — the older data. Here the window is held
+    /// open by a writethrough whose clean copy waits for log space (the log is full and
+    /// writeback stopped), and writeback runs in it with the dirty list it took before.
+    #[test]
+    fn writeback_never_copies_a_version_a_direct_write_superseded() {
+        let rs = ReactorSet::start(ReactorConfig::unpinned(2)).unwrap();
+        let opts = CacheOptions {
+            segment_size: 128 << 10,
+            seq_cutoff_bytes: 0,
+            promote_after: 0,
+            space_wait_limit: Duration::from_millis(300),
+            ..CacheOptions::default()
+        };
+        let backing = SimDisk::new("b", 512, 64 << 11);
+        let bd = BdevDesc::new(backing.clone());
+        let rs2 = rs.clone();
+        let cb = rs
+            .block_on(0, move || async move {
+                let set =
+                    cache::format("wbr", BdevDesc::new(SimDisk::new("c", 512, 8 << 11)), rs2, opts).await.unwrap();
+                let b = set.attach(bd, CacheMode::WriteBack).await.unwrap();
+                CachedBdev::new("v", set, b)
+            })
+            .unwrap();
+        let set = cb.cache_set().clone();
+        set.stop_migration();
+        let desc = BdevDesc::new(cb.clone());
+        const X: u64 = 0;
+        let key = BlockKey::new(cb.backing().idx, Lba(X)).unwrap();
+
+        // Version 1 of X, dirty in a sealed segment that is on the cache device.
+        write(&rs, &desc, 0, X, 1);
+        let d = desc.clone();
+        rs.block_on(0, move || async move { d.channel().unwrap().flush().await.status }).unwrap().unwrap();
+        // What a writeback round would list before the direct write comes.
+        let dirty = {
+            let p = set.index.register();
+            let h = set.index.lookup(&p, key).expect("X cached");
+            assert!(h.dirty);
+            set.index.dirty_slots(&p, h.segment).unwrap()
+        };
+        assert!(dirty.iter().any(|d| d.key == key));
+
+        // Fill the log with dirty data (writeback is stopped) until writes bypass it.
+        let mut lba = 1;
+        while set.counters.full_bypasses.load(Ordering::Relaxed) == 0 {
+            write(&rs, &desc, 0, lba, 1);
+            lba += 1;
+            assert!(lba < 4096, "the log never filled");
+        }
+
+        // Version 2 of X in writethrough, on reactor 0: the backing device gets it, the
+        // claim ends, and the clean copy waits for log space.
+        cb.set_mode(CacheMode::WriteThrough);
+        let waits = set.counters.space_waits.load(Ordering::Relaxed);
+        let done: Arc<Mutex<Option<Result<(), crate::Errno>>>> = Arc::new(Mutex::new(None));
+        let (d, dn) = (desc.clone(), done.clone());
+        rs.block_on(0, move || async move {
+            crate::reactor::spawn_detached(async move {
+                let c = d.channel().unwrap().write(X * BS as u64, IoBuf::from_slice(&block(X, 2)), false).await;
+                *dn.lock().unwrap() = Some(c.status);
+            });
+        })
+        .unwrap();
+        let t = Instant::now();
+        while set.counters.space_waits.load(Ordering::Relaxed) == waits {
+            assert!(done.lock().unwrap().is_none(), "the writethrough did not wait for log space");
+            assert!(t.elapsed() < Duration::from_secs(5), "the writethrough never waited for log space");
+            std::thread::yield_now();
+        }
+        assert_eq!(backing.current_image()[(1 << 20) + X as usize * BS..][..BS], block(X, 2)[..]);
+
+        // Writeback runs now, with the list it took before version 2.
+        let s = set.clone();
+        let written =
+            rs.block_on(1, move || async move { super::write_back_blocks(&s, &dirty, true).await }).unwrap().unwrap();
+        assert!(
+            !written.iter().any(|d| d.key == key),
+            "writeback copied version 1 of X over the direct write's version 2"
+        );
+        assert_eq!(
+            backing.current_image()[(1 << 20) + X as usize * BS..][..BS],
+            block(X, 2)[..],
+            "the backing device lost the direct write's data to writeback"
+        );
+
+        // The write completes (its clean copy gives up waiting and a tombstone takes its
+        // place) and reads return version 2.
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = *done.lock().unwrap() {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "the writethrough never completed");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        status.unwrap();
+        assert_eq!(read(&rs, &desc, 1, X), block(X, 2), "a read after the write completed returned older data");
+
+        drop(cb);
+        rs.stop();
     }
 }

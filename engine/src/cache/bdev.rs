@@ -315,7 +315,12 @@ impl Inner {
             if set.misses.miss(key) >= after {
                 // A direct write in flight: the backing read may return either version.
                 let Some(epoch) = set.direct_epoch(self.backing.idx.0, lba0 + i as u64) else { continue };
-                out.push((i, key, self.log.promotion_ticket(key), epoch));
+                // Cached since this read's lookup missed it (a write on another reactor
+                // installed it in between): the backing read may be older than that
+                // version, so it must not be promoted over it (crash harness, mode
+                // switches: a live read returned version 0 after version 1 completed).
+                let Some(ticket) = self.log.miss_ticket(key) else { continue };
+                out.push((i, key, ticket, epoch));
             }
         }
         out
@@ -756,5 +761,103 @@ impl Inner {
             return Ok(c.buf);
         }
         Ok(if set.index.still_valid(&h) { c.buf } else { None })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::bdev::BdevDesc;
+    use crate::cache::{self, CacheOptions};
+    use crate::reactor::{ReactorConfig, ReactorSet};
+    use crate::sim::SimDisk;
+
+    const BS: usize = 4096;
+
+    fn block(lba: u64, v: u64) -> Vec<u8> {
+        let mut b = vec![0u8; BS];
+        for (i, c) in b.chunks_mut(16).enumerate() {
+            c[..8].copy_from_slice(&lba.to_le_bytes());
+            c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
+        }
+        b
+    }
+
+    /// The crash harness's "live read returned version 0 after version 1 completed",
+    /// made deterministic. A read misses block X (nothing cached); before it takes its
+    /// promotion ticket, a writeback-mode write of version 1 on the other reactor installs
+    /// X dirty and completes; the read's backing read returns version 0. A ticket that
+    /// simply records the newest version (version 1) lets the promotion install version 0
+    /// as a clean copy over version 1: reads return 0 and version 1 is never written back.
+    /// The interleaving is driven step by step: the write first, then the read's
+    /// candidates, backing read and promotion, as the read path runs them after its lookup.
+    #[test]
+    fn a_read_miss_never_promotes_over_a_write_installed_after_its_lookup() {
+        let rs = ReactorSet::start(ReactorConfig::unpinned(2)).unwrap();
+        let opts =
+            CacheOptions { segment_size: 128 << 10, seq_cutoff_bytes: 0, promote_after: 1, ..Default::default() };
+        let bd = BdevDesc::new(SimDisk::new("b", 512, 16 << 11));
+        let rs2 = rs.clone();
+        let cb = rs
+            .block_on(0, move || async move {
+                let set = cache::format("pr", BdevDesc::new(SimDisk::new("c", 512, 8 << 11)), rs2, opts).await.unwrap();
+                let b = set.attach(bd, CacheMode::WriteBack).await.unwrap();
+                CachedBdev::new("v", set, b)
+            })
+            .unwrap();
+        let set = cb.cache_set().clone();
+        let desc = BdevDesc::new(cb.clone());
+        const X: u64 = 7;
+
+        // (The read's lookup of X missed here.) Version 1 is written on reactor 1.
+        let d = desc.clone();
+        rs.block_on(1, move || async move {
+            d.channel().unwrap().write(X * BS as u64, IoBuf::from_slice(&block(X, 1)), false).await.status
+        })
+        .unwrap()
+        .unwrap();
+
+        // The read on reactor 0 goes on: candidates, backing read, promotion.
+        let cb2 = cb.clone();
+        let promoted_from = rs
+            .block_on(0, move || async move {
+                let inner = Inner {
+                    log: cb2.set.local().unwrap(),
+                    backing_ch: cb2.backing.desc.channel().unwrap(),
+                    backing: cb2.backing.clone(),
+                    stream: StreamDetector::default(),
+                };
+                let cands = inner.promotion_candidates(X, 1);
+                let c = inner.backing_io(IoRequest::read(X * BS as u64, IoBuf::new(BS))).await;
+                c.status.unwrap();
+                let data = c.buf.unwrap().to_vec();
+                inner.promote(cands, &data);
+                data
+            })
+            .unwrap();
+        assert_eq!(promoted_from, vec![0u8; BS], "the backing device does not have version 1 yet");
+        let t = Instant::now();
+        while set.counters.promotions_in_flight.load(Ordering::Acquire) > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "promotion never finished");
+            std::thread::yield_now();
+        }
+        assert_eq!(set.counters.promotions.load(Ordering::Relaxed), 0, "version 0 was promoted over version 1");
+
+        let d = desc.clone();
+        let got = rs
+            .block_on(1, move || async move {
+                let c = d.channel().unwrap().read(X * BS as u64, IoBuf::new(BS)).await;
+                c.status.unwrap();
+                c.buf.unwrap().to_vec()
+            })
+            .unwrap();
+        assert_eq!(got, block(X, 1), "a read after version 1 completed returned older data");
+
+        set.stop_migration();
+        drop(cb);
+        rs.stop();
     }
 }

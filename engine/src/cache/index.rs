@@ -814,6 +814,30 @@ impl BlockIndex {
         PromotionTicket { key, observed, reclaim_epoch }
     }
 
+    /// A promotion ticket for a block a read MISSED, or `None` if the index now holds a
+    /// version a lookup would return: the block was cached between the read's lookup and
+    /// this ticket, so the backing device may hold older data than that version, and a
+    /// copy installed under a ticket that observed it would supersede it with the older
+    /// data (a clean copy, so the newer write would never be written back either).
+    ///
+    /// Invariant: a read-miss promotion only installs over what a miss can see — no
+    /// version, a tombstone, or a version in a segment under reclaim (clean: the backing
+    /// device holds its data or newer). Anything installed after the ticket makes the
+    /// install fail (`Changed`), as for `promotion_ticket`.
+    pub fn miss_ticket(&self, p: &Participant, key: BlockKey) -> Option<PromotionTicket> {
+        debug_assert!(p.belongs_to(&self.qsbr) && p.is_online());
+        let reclaim_epoch = self.reclaim_epoch.load(SeqCst);
+        let h = self.buckets[self.bucket_of(key)].load(Acquire);
+        let newest = self.newest_in_chain(h, key);
+        if let Some((s, _, w)) = newest {
+            let st = SegmentState::from_u32(self.segments[self.loc(s).0].state.load(SeqCst));
+            if w & F_TOMBSTONE == 0 && matches!(st, SegmentState::Open | SegmentState::Sealed) {
+                return None;
+            }
+        }
+        Some(PromotionTicket { key, observed: newest.map(|(_, v, _)| v), reclaim_epoch })
+    }
+
     /// Installs a clean promoted copy only if nothing about the key changed
     /// since `ticket` (no install, no reclaim anywhere) and the slot is newer
     /// than what the ticket saw; otherwise `Changed`/`Newer` and the copy is
@@ -1406,6 +1430,32 @@ mod tests {
         f.ix.install(&p, &writes, 2, k4, EntryKind::Tombstone).unwrap();
         let t = f.ix.promotion_ticket(&p, k4);
         assert!(matches!(f.ix.install_promotion(&p, &promo, 3, &t, false), Err(InstallError::Newer { .. })));
+    }
+
+    #[test]
+    fn a_miss_ticket_is_refused_once_the_block_is_cached() {
+        let mut f = fx(4, 8);
+        let p = f.ix.register();
+        let o = f.ix.open_segment(f.free.pop().unwrap()).unwrap();
+        let promo = f.ix.open_segment(f.free.pop().unwrap()).unwrap();
+        // Absent: a ticket, and the promotion installs.
+        let k = key(1);
+        let t = f.ix.miss_ticket(&p, k).expect("absent block");
+        f.ix.install_promotion(&p, &promo, 0, &t, false).unwrap();
+        // Cached (dirty or clean) since the read's lookup missed it: no ticket at all - a
+        // plain promotion_ticket would observe the write and let older data replace it.
+        let k2 = key(2);
+        f.ix.install(&p, &o, 0, k2, EntryKind::Dirty).unwrap();
+        assert_eq!(f.ix.miss_ticket(&p, k2), None);
+        let t = f.ix.promotion_ticket(&p, k2);
+        assert!(f.ix.install_promotion(&p, &promo, 1, &t, false).is_ok(), "the hole miss_ticket closes");
+        assert_eq!(f.ix.miss_ticket(&p, k), None, "a promoted copy is cached too");
+        // A tombstone reads as a miss: ticket, and a later install still wins.
+        let k3 = key(3);
+        f.ix.install(&p, &o, 1, k3, EntryKind::Tombstone).unwrap();
+        let t = f.ix.miss_ticket(&p, k3).expect("tombstoned block");
+        f.ix.install(&p, &o, 2, k3, EntryKind::Dirty).unwrap();
+        assert_eq!(f.ix.install_promotion(&p, &promo, 2, &t, false), Err(InstallError::Changed));
     }
 
     #[test]

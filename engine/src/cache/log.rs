@@ -358,8 +358,10 @@ impl ReactorLog {
         open_room >= n || self.set.has_free(SpaceUse::Data)
     }
 
-    pub(crate) fn promotion_ticket(&self, key: BlockKey) -> PromotionTicket {
-        self.with_participant(|p| self.set.index.promotion_ticket(p, key))
+    /// A promotion ticket for a block a read missed (`BlockIndex::miss_ticket`): None if
+    /// the block has been cached since the read's lookup.
+    pub(crate) fn miss_ticket(&self, key: BlockKey) -> Option<PromotionTicket> {
+        self.with_participant(|p| self.set.index.miss_ticket(p, key))
     }
 
     async fn place(

@@ -290,3 +290,58 @@ fn clean_cached_data_stays_warm_across_a_restart() {
     set2.stop_migration();
     rig2.set.stop();
 }
+
+/// A FUA write that goes around the cache over a block whose newest cached record is a
+/// tombstone still only in RAM (an earlier direct write's, not FLUSHed yet) must make
+/// that supersession durable too: otherwise a power cut loses the tombstone, replay
+/// serves the older cached version, and the FUA data on the backing device is hidden.
+#[test]
+fn a_fua_direct_write_over_an_unflushed_tombstone_survives_a_power_cut() {
+    let rig = make_rig(8, 16);
+    let o =
+        CacheOptions { seal_idle: std::time::Duration::from_secs(30), promote_after: 0, seq_cutoff_bytes: 0, ..opts() };
+    let (rs, cdisk, bdisk) = (rig.set.clone(), rig.cache_disk.clone(), rig.backing_disk.clone());
+    let cb = rig
+        .set
+        .block_on(0, move || async move {
+            let set = cache::format("c0", BdevDesc::new(cdisk), rs, o).await.unwrap();
+            let b = set.attach(BdevDesc::new(bdisk), CacheMode::WriteBack).await.unwrap();
+            CachedBdev::new("cached0", set, b)
+        })
+        .unwrap();
+    let desc = BdevDesc::new(cb.clone());
+    const X: u64 = 5;
+    // Version 1, cached dirty and durable on the cache device.
+    write(&rig, 0, &desc, X, 1, false);
+    flush(&rig, 0, &desc).unwrap();
+    // No writeback from here on (its durability rounds would seal the tombstone below).
+    cb.cache_set().stop_migration();
+    cb.set_mode(CacheMode::WriteAround);
+    // Version 2 goes around: a tombstone in reactor 0's open segment, in RAM only.
+    write(&rig, 0, &desc, X, 2, false);
+    // Version 3 goes around with FUA: it must be what a power cut leaves.
+    write(&rig, 1, &desc, X, 3, true);
+    let cache_img = rig.cache_disk.cut_power(1, CutMode::DROP_ALL);
+    let backing_img = rig.backing_disk.cut_power(2, CutMode::DROP_ALL);
+    drop(desc);
+    drop(cb);
+    rig.set.stop();
+
+    let rig2 = make_rig(8, 16);
+    let cb2 = build(
+        &rig2,
+        SimDisk::from_image("cache", 512, cache_img),
+        SimDisk::from_image("backing", 512, backing_img),
+        false,
+    )
+    .unwrap();
+    let desc2 = BdevDesc::new(cb2.clone());
+    let got = read(&rig2, 0, &desc2, X, 1);
+    assert!(
+        got == pattern(X, 3),
+        "the FUA write is hidden by an older cached version (version 1: {})",
+        got == pattern(X, 1)
+    );
+    cb2.cache_set().stop_migration();
+    rig2.set.stop();
+}

@@ -228,8 +228,13 @@ impl Inner {
     /// (`write_run` in writeback.rs). So the marking must happen under this claim.
     ///
     /// Returns the blocks that were cached: the ones to invalidate (no allocation when
-    /// none was).
-    fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64) -> Vec<BlockKey> {
+    /// none was). With `fua`, also the blocks whose newest record is a tombstone: a FUA
+    /// write must not complete before every older record of its blocks on the cache device
+    /// is durably superseded, and that tombstone (an earlier direct write's, no FLUSH since)
+    /// may still be only in RAM, on any reactor; a power cut would then lose it and replay
+    /// the older version over the FUA data. A fresh tombstone in this reactor's log, made
+    /// durable with the write's own records (`log_records_durable`), covers it.
+    fn release_direct(&self, range: RangeGuard, lba0: u64, n: u64, fua: bool) -> Vec<BlockKey> {
         let set = self.set();
         debug_assert!(set.holds_claim(range.range), "release_direct without its claim");
         let cached = self.log.with_participant(|p| {
@@ -240,6 +245,8 @@ impl Inner {
                     if h.dirty {
                         set.index.mark_clean(p, h.slot, h.gen);
                     }
+                    cached.push(key);
+                } else if fua && set.index.tombstoned(p, key) {
                     cached.push(key);
                 }
             }
@@ -505,7 +512,8 @@ impl Inner {
         c.status?;
         let buf = c.buf.ok_or(Errno::EIO)?;
         let set = self.set();
-        self.release_direct(range, offset / bs as u64, (buf.len() / bs) as u64);
+        // Every block gets a record below (a clean copy or a tombstone), FUA or not.
+        self.release_direct(range, offset / bs as u64, (buf.len() / bs) as u64, false);
         if !set.is_failed() {
             let lba0 = offset / bs as u64;
             for (b, block) in buf.chunks_exact(bs).enumerate() {
@@ -546,7 +554,7 @@ impl Inner {
         if let Err(e) = c.status {
             return (Err(e), c.buf);
         }
-        let cached = self.release_direct(range, offset / bs, n);
+        let cached = self.release_direct(range, offset / bs, n, fua_asked);
         let r = match self.invalidate(&cached).await {
             Ok(placed) if placed > 0 && fua_asked => self.log_records_durable().await,
             r => r.map(drop),
@@ -554,7 +562,6 @@ impl Inner {
         (r, c.buf)
     }
 
-    /// Tombstones for the cached blocks among `n` from `lba0`; returns how many it placed.
     /// Tombstones for `cached` (from `release_direct`); returns how many it placed.
     async fn invalidate(&self, cached: &[BlockKey]) -> Result<usize, Errno> {
         for &key in cached {
@@ -583,7 +590,8 @@ impl Inner {
                     // Zeroes durable before the tombstones (see `any_dirty`).
                     self.flush_backing().await?;
                 }
-                let cached = self.release_direct(range, lba0, n);
+                // Not FUA: a later FLUSH makes every reactor's records durable.
+                let cached = self.release_direct(range, lba0, n, false);
                 self.invalidate(&cached).await.map(drop)
             }
         }

@@ -988,6 +988,17 @@ impl BlockIndex {
         })
     }
 
+    /// Whether the newest version of `key` is a tombstone in an open or sealed segment: a
+    /// lookup misses, yet replay would need that tombstone (it may be only in RAM) to keep
+    /// an older record of the block from coming back.
+    pub fn tombstoned(&self, p: &Participant, key: BlockKey) -> bool {
+        debug_assert!(p.belongs_to(&self.qsbr) && p.is_online());
+        let h = self.buckets[self.bucket_of(key)].load(Acquire);
+        let Some((s, _, w)) = self.newest_in_chain(h, key) else { return false };
+        let st = SegmentState::from_u32(self.segments[self.loc(s).0].state.load(SeqCst));
+        w & F_TOMBSTONE != 0 && matches!(st, SegmentState::Open | SegmentState::Sealed)
+    }
+
     /// A foreground read hit `hit`: set its slot's referenced bit (second chance at
     /// reclaim). Call it in the same read-side section as the lookup that returned `hit`
     /// (no quiescent state in between): the slot then cannot have been released, so the

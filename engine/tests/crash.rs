@@ -11,9 +11,10 @@
 //!   FLUSH was issued (nothing a FLUSH covered is lost, nothing stale comes back);
 //! - and no newer than the last write issued.
 //!
-//! Reads during the workload are checked the same way against completed writes. With
-//! `TIERCACHE_CRASH_MODE_SWITCH=1`, a third of the points also switch the cache mode at
-//! random moments (writes then go straight to the backing device over dirty cached data).
+//! Reads during the workload are checked the same way against completed writes. A third
+//! of the points also switch the cache mode at random moments (writes then go straight to
+//! the backing device over dirty cached data); `TIERCACHE_CRASH_MODE_SWITCH=0` turns that
+//! off, `=all` makes every point switch.
 //!
 //! `TIERCACHE_CRASH_POINTS` (default 1000) sets how many points run; `TIERCACHE_CRASH_SEED`
 //! replays one point. Every failure prints its seed.
@@ -218,12 +219,18 @@ fn crash_point(seed: u64) -> Result<u64, String> {
         })
         .map_err(|e| e.to_string())?;
     }
-    // With TIERCACHE_CRASH_MODE_SWITCH=1 a third of the points switch the cache mode back
-    // and forth under the workload, so writes also go straight to the backing device
-    // (writethrough, writearound) over dirty cached versions, and FLUSHes must cover those
-    // direct writes too. Opt-in: it still finds about one violation per 1000 points
-    // (docs/testing.md).
-    let flip_modes = rng.gen_ratio(1, 3) && std::env::var("TIERCACHE_CRASH_MODE_SWITCH").is_ok_and(|v| v == "1");
+    // A third of the points switch the cache mode back and forth under the workload, so
+    // writes also go straight to the backing device (writethrough, writearound,
+    // passthrough) over dirty cached versions, and FLUSHes must cover those direct writes
+    // too (docs/testing.md). TIERCACHE_CRASH_MODE_SWITCH=0 turns it off, =all makes every
+    // point switch (long runs aimed at direct writes). The draw happens either way, so a
+    // seed's other choices do not depend on the setting.
+    let third = rng.gen_ratio(1, 3);
+    let flip_modes = match std::env::var("TIERCACHE_CRASH_MODE_SWITCH").as_deref() {
+        Ok("0") => false,
+        Ok("all") => true,
+        _ => third,
+    };
     let modes = [CacheMode::WriteBack, CacheMode::WriteThrough, CacheMode::WriteAround, CacheMode::None];
     let mut next_flip = Instant::now();
     // Cut right after a FLUSH completed, or at an arbitrary moment.

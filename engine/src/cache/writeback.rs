@@ -604,23 +604,36 @@ struct Prefetch {
 type SegmentRead = futures::future::Shared<crate::reactor::JoinHandle<std::rc::Rc<crate::bdev::IoCompletion>>>;
 
 impl Prefetch {
-    /// Start reading the dense segments of `dirty` (at most `PREFETCH_MAX_BYTES` in all).
+    /// Start reading the dense, scattered segments of `dirty` (sorted by backing device and
+    /// LBA; at most `PREFETCH_MAX_BYTES` in all). A segment written sequentially is left
+    /// out: its blocks are consecutive in LBA and slot alike, so each run reads them with
+    /// one I/O anyway, interleaved with its backing write (read ahead, a 1 GiB drain with
+    /// the cache on a RAM device measured ~10% slower).
     fn start(set: &Arc<CacheSet>, cache_ch: &std::rc::Rc<crate::bdev::IoChannel>, dirty: &[DirtySlot]) -> Prefetch {
         let bs = set.block_size() as usize;
-        // segment → (first slot index, last slot index, blocks with data)
-        let mut spans: std::collections::BTreeMap<u32, (u32, u32, usize)> = std::collections::BTreeMap::new();
+        // segment → (first slot index, last slot index, blocks with data, blocks that
+        // continue the previous one in LBA and slot)
+        let mut spans: std::collections::BTreeMap<u32, (u32, u32, usize, usize)> = std::collections::BTreeMap::new();
+        let mut prev: Option<&DirtySlot> = None;
         for d in dirty.iter().filter(|d| !d.zero) {
             let (seg, i) = set.geom.slot_location(d.slot);
-            let e = spans.entry(seg.0).or_insert((i, i, 0));
+            let e = spans.entry(seg.0).or_insert((i, i, 0, 0));
             e.0 = e.0.min(i);
             e.1 = e.1.max(i);
             e.2 += 1;
+            let continues = prev.is_some_and(|p| {
+                p.key.backing() == d.key.backing() && p.key.lba().0 + 1 == d.key.lba().0 && p.slot.0 + 1 == d.slot.0
+            });
+            if continues {
+                e.3 += 1;
+            }
+            prev = Some(d);
         }
         let mut budget = PREFETCH_MAX_BYTES;
         let mut segs = std::collections::HashMap::new();
-        for (seg, (lo, hi, n)) in spans {
+        for (seg, (lo, hi, n, sequential)) in spans {
             let len = (hi - lo + 1) as usize * bs;
-            if n < 2 || n * bs * PREFETCH_MIN_DENSITY < len || len > budget {
+            if n < 2 || n * bs * PREFETCH_MIN_DENSITY < len || len > budget || sequential * 2 >= n {
                 continue;
             }
             budget -= len;

@@ -53,6 +53,8 @@ const GRACE_TIMEOUT: Duration = Duration::from_secs(5);
 const COPY_FORWARD_MAX_PCT: usize = 75;
 /// Segments per reclaim round (one `reclaim_seq` superblock write).
 const RECLAIM_BATCH_SEGMENTS: usize = 32;
+/// Segments copied forward and then released together within a round.
+const RELEASE_CHUNK_SEGMENTS: usize = 4;
 
 /// Only when log space is needed: the oldest written-back segments leave the index and
 /// become free, their referenced blocks copied forward first. `reclaim_seq` is persisted
@@ -75,22 +77,45 @@ pub(super) fn reclaim(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer) -> Result<
         .map_err(|e| e.errno())?;
     let persisted = Seq(wb);
     let max = set.index.slots_per_segment() as usize * COPY_FORWARD_MAX_PCT / 100;
+    // Released in chunks: each chunk's copy-forwards can use the space the previous
+    // chunks freed (copying a whole 32-segment batch forward before releasing any of it
+    // dropped many more copies for want of space in a small log, docs/benchmarks.md's
+    // hit-ratio runs), and a chunk costs two grace periods, not two per segment.
+    let chunks = batch.chunks(RELEASE_CHUNK_SEGMENTS);
+    let n = chunks.len();
+    for (c, chunk) in chunks.enumerate() {
+        reclaim_chunk(set, reclaimer, persisted, chunk, c + 1 == n, wb, max)?;
+    }
+    Ok(true)
+}
+
+/// Copy forward, then release, one chunk of a reclaim batch. `final_chunk`: nothing of the
+/// batch comes after it (its last segment may drop copies for want of space).
+fn reclaim_chunk(
+    set: &Arc<CacheSet>,
+    reclaimer: &mut Reclaimer,
+    persisted: Seq,
+    chunk: &[(u64, SegmentId)],
+    final_chunk: bool,
+    wb: u64,
+    max: usize,
+) -> Result<(), Errno> {
     // A segment whose copies found no log space at all (open segment full, no free
-    // segment) is reclaimed after the rest of the batch, which frees space for them. Every
+    // segment) is released after the rest of the chunk, which frees space for them. Every
     // segment of the batch is at or below the persisted reclaim_seq, so their order among
     // themselves does not matter to replay.
     let mut deferred = Vec::new();
-    let mut ready = Vec::with_capacity(batch.len());
-    for (k, &(seq, seg)) in batch.iter().enumerate() {
+    let mut ready = Vec::with_capacity(chunk.len());
+    for (k, &(seq, seg)) in chunk.iter().enumerate() {
         // Copy-forward is only sound for written-back segments: their live blocks are
         // clean copies of what the backing device holds.
         debug_assert!(seq <= wb, "reclaiming segment {} (seq {seq}) above writeback_seq {wb}", seg.0);
         debug_assert!(set.index.segment_info(seg).is_ok_and(|i| i.seq.0 == seq && i.dirty == 0));
         // Second chance, while the segment is still sealed (its slots cannot be reused
         // until begin_reclaim): the copies are installed or dropped when this returns.
-        // A segment whose copies found no log space waits for the rest of the batch to
-        // be released; only the last one, with nothing else to free, drops them.
-        let last = k + 1 == batch.len() && deferred.is_empty() && ready.is_empty();
+        // Only the batch's last segment, with nothing else left to free, drops copies
+        // for want of space; the others wait for the rest of their chunk.
+        let last = final_chunk && k + 1 == chunk.len() && deferred.is_empty() && ready.is_empty();
         let cf = copy_forward(set, seg, max, last);
         if cf.out_of_space && !last {
             deferred.push((seq, seg, max.saturating_sub(cf.copied)));
@@ -107,7 +132,7 @@ pub(super) fn reclaim(set: &Arc<CacheSet>, reclaimer: &mut Reclaimer) -> Result<
         }
         release(set, reclaimer, persisted, &later)?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Take written-back segments out of the index and queue them free. Each index step runs

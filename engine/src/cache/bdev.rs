@@ -779,20 +779,10 @@ mod tests {
 
     use super::*;
     use crate::bdev::BdevDesc;
-    use crate::cache::{self, CacheOptions};
+    use crate::cache::test_rig::{block, cached_on_sim, write, BS};
+    use crate::cache::CacheOptions;
     use crate::reactor::{ReactorConfig, ReactorSet};
     use crate::sim::SimDisk;
-
-    const BS: usize = 4096;
-
-    fn block(lba: u64, v: u64) -> Vec<u8> {
-        let mut b = vec![0u8; BS];
-        for (i, c) in b.chunks_mut(16).enumerate() {
-            c[..8].copy_from_slice(&lba.to_le_bytes());
-            c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
-        }
-        b
-    }
 
     /// The crash harness's "live read returned version 0 after version 1 completed",
     /// made deterministic. A read misses block X (nothing cached); before it takes its
@@ -807,26 +797,13 @@ mod tests {
         let rs = ReactorSet::start(ReactorConfig::unpinned(2)).unwrap();
         let opts =
             CacheOptions { segment_size: 128 << 10, seq_cutoff_bytes: 0, promote_after: 1, ..Default::default() };
-        let bd = BdevDesc::new(SimDisk::new("b", 512, 16 << 11));
-        let rs2 = rs.clone();
-        let cb = rs
-            .block_on(0, move || async move {
-                let set = cache::format("pr", BdevDesc::new(SimDisk::new("c", 512, 8 << 11)), rs2, opts).await.unwrap();
-                let b = set.attach(bd, CacheMode::WriteBack).await.unwrap();
-                CachedBdev::new("v", set, b)
-            })
-            .unwrap();
+        let cb = cached_on_sim(&rs, "pr", opts, BdevDesc::new(SimDisk::new("b", 512, 16 << 11)));
         let set = cb.cache_set().clone();
         let desc = BdevDesc::new(cb.clone());
         const X: u64 = 7;
 
         // (The read's lookup of X missed here.) Version 1 is written on reactor 1.
-        let d = desc.clone();
-        rs.block_on(1, move || async move {
-            d.channel().unwrap().write(X * BS as u64, IoBuf::from_slice(&block(X, 1)), false).await.status
-        })
-        .unwrap()
-        .unwrap();
+        write(&rs, &desc, 1, X, 1);
 
         // The read on reactor 0 goes on: candidates, backing read, promotion.
         let cb2 = cb.clone();

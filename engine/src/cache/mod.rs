@@ -25,6 +25,8 @@ pub mod rate;
 pub mod reclaim;
 pub mod set;
 pub mod tail_guard;
+#[cfg(test)]
+mod test_rig;
 pub mod writeback;
 
 pub use bdev::{mode_name, parse_mode, CachedBdev};

@@ -673,30 +673,11 @@ mod tests {
 
     use crate::bdev::BdevDesc;
     use crate::cache::index::{BlockKey, Lba};
-    use crate::cache::{self, CacheMode, CacheOptions, CachedBdev};
+    use crate::cache::test_rig::{block, cached_on_sim, write, BS};
+    use crate::cache::{CacheMode, CacheOptions};
     use crate::reactor::{ReactorConfig, ReactorSet};
     use crate::sim::SimDisk;
     use crate::IoBuf;
-
-    const BS: usize = 4096;
-
-    fn block(lba: u64, v: u64) -> Vec<u8> {
-        let mut b = vec![0u8; BS];
-        for (i, c) in b.chunks_mut(16).enumerate() {
-            c[..8].copy_from_slice(&lba.to_le_bytes());
-            c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
-        }
-        b
-    }
-
-    fn write(rs: &ReactorSet, d: &BdevDesc, r: usize, lba: u64, v: u64) {
-        let d = d.clone();
-        rs.block_on(r, move || async move {
-            d.channel().unwrap().write(lba * BS as u64, IoBuf::from_slice(&block(lba, v)), false).await.status
-        })
-        .unwrap()
-        .unwrap();
-    }
 
     fn read(rs: &ReactorSet, d: &BdevDesc, r: usize, lba: u64) -> Vec<u8> {
         let d = d.clone();
@@ -730,16 +711,7 @@ mod tests {
             ..CacheOptions::default()
         };
         let backing = SimDisk::new("b", 512, 64 << 11);
-        let bd = BdevDesc::new(backing.clone());
-        let rs2 = rs.clone();
-        let cb = rs
-            .block_on(0, move || async move {
-                let set =
-                    cache::format("wbr", BdevDesc::new(SimDisk::new("c", 512, 8 << 11)), rs2, opts).await.unwrap();
-                let b = set.attach(bd, CacheMode::WriteBack).await.unwrap();
-                CachedBdev::new("v", set, b)
-            })
-            .unwrap();
+        let cb = cached_on_sim(&rs, "wbr", opts, BdevDesc::new(backing.clone()));
         let set = cb.cache_set().clone();
         set.stop_migration();
         let desc = BdevDesc::new(cb.clone());

@@ -10,17 +10,10 @@ use tiercache_engine::reactor::{ReactorConfig, ReactorSet};
 use tiercache_engine::sim::SimDisk;
 use tiercache_engine::{Errno, IoBuf};
 
-const BS: usize = 4096;
 const DATA_OFFSET: usize = 1 << 20;
 
-fn block(lba: u64, v: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    for (i, c) in b.chunks_mut(16).enumerate() {
-        c[..8].copy_from_slice(&lba.to_le_bytes());
-        c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
-    }
-    b
-}
+mod common;
+use common::{block, BS};
 
 struct Rig {
     rs: ReactorSet,

@@ -11,16 +11,8 @@ use tiercache_engine::reactor::{ReactorConfig, ReactorSet};
 use tiercache_engine::sim::SimDisk;
 use tiercache_engine::IoBuf;
 
-const BS: usize = 4096;
-
-fn block(lba: u64, v: u64) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    for (i, c) in b.chunks_mut(16).enumerate() {
-        c[..8].copy_from_slice(&lba.to_le_bytes());
-        c[8..].copy_from_slice(&(v * 1000 + i as u64).to_le_bytes());
-    }
-    b
-}
+mod common;
+use common::{block, BS};
 
 struct Rig {
     rs: ReactorSet,
@@ -47,13 +39,7 @@ fn rig(mode: CacheMode, opts: CacheOptions, backing_mib: u64) -> Rig {
 
 impl Rig {
     fn write(&self, r: usize, lba: u64, v: u64) {
-        let d = self.desc.clone();
-        self.rs
-            .block_on(r, move || async move {
-                d.channel().unwrap().write(lba * BS as u64, IoBuf::from_slice(&block(lba, v)), false).await.status
-            })
-            .unwrap()
-            .unwrap();
+        common::write_block(&self.rs, &self.desc, r, lba, v);
     }
     /// A read, then wait for the promotion it spawned (promotion runs after the read
     /// completes, in a task of its own).

@@ -112,15 +112,18 @@ fn options_seqcutoff_stats_and_errors() {
     assert_eq!(
         d.ok(
             "bdev_cache_set_options",
-            json!({"name":"c0","writeback_percent":20,"writeback_rate_min":100,"writeback_rate_max":5000})
+            json!({"name":"c0","writeback_percent":20,"writeback_rate_min":100,"writeback_rate_max":5000,
+                   "dirty_write_cutoff_percent":55})
         ),
         json!(true)
     );
     let o = stats(&d)["cache_set"]["options"].clone();
     assert_eq!(
-        (&o["writeback_percent"], &o["writeback_rate_min"], &o["writeback_rate_max"]),
-        (&json!(20), &json!(100), &json!(5000))
+        (&o["writeback_percent"], &o["writeback_rate_min"], &o["writeback_rate_max"], &o["dirty_write_cutoff_percent"]),
+        (&json!(20), &json!(100), &json!(5000), &json!(55))
     );
+    d.err("bdev_cache_set_options", json!({"name":"c0","dirty_write_cutoff_percent":0}), INVALID_PARAMS);
+    assert_eq!(stats(&d)["cache_set"]["options"]["dirty_write_cutoff_percent"], json!(55));
     d.err(
         "bdev_cache_set_options",
         json!({"name":"c0","promote_after_hits":5,"writeback_rate_max":50}),
@@ -198,7 +201,8 @@ fn save_config_restores_non_default_options() {
     d.ok(
         "bdev_cache_set_options",
         json!({"name":"c0","seal_idle_ms":11,"io_error_limit":5,"io_error_halflife":7,
-        "stop_when_cache_set_failed":"always","backing_offline_grace_ms":900,"promote_after_hits":4}),
+        "stop_when_cache_set_failed":"always","backing_offline_grace_ms":900,"promote_after_hits":4,
+        "dirty_write_cutoff_percent":90}),
     );
     d.ok("bdev_cache_set_seqcutoff", json!({"name":"c0","policy":"full","threshold":512}));
     let before = stats(&d)["cache_set"]["options"].clone();
@@ -215,6 +219,7 @@ fn save_config_restores_non_default_options() {
     // A set at its defaults saves no option calls.
     let o = stats(&d)["cache_set"]["options"].clone();
     assert_eq!(o["promote_after_hits"], json!(4));
+    assert_eq!(o["dirty_write_cutoff_percent"], json!(90));
 }
 
 #[test]

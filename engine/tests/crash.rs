@@ -14,7 +14,8 @@
 //! Reads during the workload are checked the same way against completed writes. A third
 //! of the points also switch the cache mode at random moments (writes then go straight to
 //! the backing device over dirty cached data); `TIERCACHE_CRASH_MODE_SWITCH=0` turns that
-//! off, `=all` makes every point switch.
+//! off, `=all` makes every point switch. Odd seeds run with a low dirty cutoff (25%), so
+//! writes of uncached blocks also go around a cache that has room.
 //!
 //! `TIERCACHE_CRASH_POINTS` (default 1000) sets how many points run; `TIERCACHE_CRASH_SEED`
 //! replays one point. Every failure prints its seed.
@@ -78,12 +79,17 @@ struct Model {
     blocks: Vec<BlockModel>,
 }
 
-fn opts() -> CacheOptions {
+/// `low_cutoff`: a dirty cutoff of 25% instead of the default (the workload's 160 blocks
+/// are at most 43% of the log's slots, so the default cutoff would never be reached); the
+/// odd seeds use it, so writes of uncached blocks also go around a cache with room in it.
+fn opts(low_cutoff: bool) -> CacheOptions {
+    let d = CacheOptions::default();
     CacheOptions {
         segment_size: 128 << 10,
         seal_idle: Duration::from_millis(2),
         writeback_free_low_percent: 40,
-        ..CacheOptions::default()
+        dirty_write_cutoff_percent: if low_cutoff { 25 } else { d.dirty_write_cutoff_percent },
+        ..d
     }
 }
 
@@ -183,27 +189,37 @@ fn build(
     cache_disk: Arc<SimDisk>,
     backing: Arc<SimDisk>,
     format: bool,
+    low_cutoff: bool,
 ) -> Result<Arc<CachedBdev>, String> {
     let rs2 = rs.clone();
+    let o = opts(low_cutoff);
     rs.block_on(0, move || async move {
         let cd = BdevDesc::new(cache_disk);
-        let set =
-            if format { cache::format("c", cd, rs2, opts()).await } else { cache::load("c", cd, rs2, opts()).await }
-                .map_err(|e| e.to_string())?;
+        let set = if format { cache::format("c", cd, rs2, o).await } else { cache::load("c", cd, rs2, o).await }
+            .map_err(|e| e.to_string())?;
         let b = set.attach(BdevDesc::new(backing), CacheMode::WriteBack).await.map_err(|e| e.to_string())?;
         Ok(CachedBdev::new("cached", set, b))
     })
     .map_err(|e| e.to_string())?
 }
 
-/// One crash point. Ok: the blocks copied forward (second chance at reclaim) before the
-/// cut, so the run can show that copy-forward was exercised.
-fn crash_point(seed: u64) -> Result<u64, String> {
+/// What a crash point exercised before the cut.
+struct Exercised {
+    /// Blocks copied forward (second chance at reclaim).
+    copied: u64,
+    /// Writes of uncached blocks that went around a full or dirty-cut-off cache.
+    bypassed: u64,
+}
+
+/// One crash point. Ok: what it exercised before the cut, so the run can show that
+/// copy-forward and the cache-full bypass were.
+fn crash_point(seed: u64) -> Result<Exercised, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let rs = ReactorSet::start(ReactorConfig::unpinned(2)).map_err(|e| e.to_string())?;
     let cache_disk = SimDisk::from_image("cache", 512, vec![0; CACHE_BYTES as usize]);
     let backing_disk = SimDisk::from_image("backing", 512, vec![0; BACKING_BYTES as usize]);
-    let cb = build(&rs, cache_disk.clone(), backing_disk.clone(), true)?;
+    let low_cutoff = seed % 2 == 1;
+    let cb = build(&rs, cache_disk.clone(), backing_disk.clone(), true, low_cutoff)?;
     let desc = BdevDesc::new(cb.clone());
     let model = Arc::new(Mutex::new(Model { blocks: vec![BlockModel::default(); BLOCKS as usize] }));
     let ops = Arc::new(AtomicU64::new(0));
@@ -307,6 +323,7 @@ fn crash_point(seed: u64) -> Result<u64, String> {
         SimDisk::from_image("cache", 512, cache_img),
         SimDisk::from_image("backing", 512, backing_img.clone()),
         false,
+        low_cutoff,
     )?;
     let desc = BdevDesc::new(cb.clone());
     let d = desc.clone();
@@ -339,7 +356,7 @@ fn crash_point(seed: u64) -> Result<u64, String> {
             return Err(format!("block {lba}: version {v} was never written (last issued {})", issued[lba]));
         }
     }
-    Ok(copied)
+    Ok(Exercised { copied, bypassed: bypasses_before })
 }
 
 #[test]
@@ -347,7 +364,10 @@ fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     if let Ok(s) = std::env::var("TIERCACHE_CRASH_SEED") {
         let seed: u64 = s.parse().expect("TIERCACHE_CRASH_SEED must be a number");
         match crash_point(seed) {
-            Ok(copied) => eprintln!("seed {seed}: ok, {copied} blocks copied forward before the cut"),
+            Ok(x) => eprintln!(
+                "seed {seed}: ok, {} blocks copied forward and {} writes around the cache before the cut",
+                x.copied, x.bypassed
+            ),
             Err(e) => panic!("crash point failed: {e}\n  replay: TIERCACHE_CRASH_SEED={seed}"),
         }
         return;
@@ -356,13 +376,14 @@ fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     let base: u64 = std::env::var("TIERCACHE_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7c5e_ed00);
     let started = Instant::now();
     let mut failures = Vec::new();
-    let (mut with_copies, mut copied) = (0u64, 0u64);
+    let (mut with_copies, mut copied, mut with_bypasses) = (0u64, 0u64, 0u64);
     for i in 0..points {
         let seed = base + i;
         match crash_point(seed) {
-            Ok(c) => {
-                with_copies += u64::from(c > 0);
-                copied += c;
+            Ok(x) => {
+                with_copies += u64::from(x.copied > 0);
+                copied += x.copied;
+                with_bypasses += u64::from(x.bypassed > 0);
             }
             Err(e) => {
                 eprintln!("crash point {seed} FAILED: {e}");
@@ -375,7 +396,7 @@ fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     }
     eprintln!(
         "{points} crash points (seeds {base}..{}) in {:?}, {} violations; copy-forward active before the cut \
-         in {with_copies} points ({copied} blocks)",
+         in {with_copies} points ({copied} blocks); writes around a full or cut-off cache in {with_bypasses} points",
         base + points,
         started.elapsed(),
         failures.len()
@@ -385,5 +406,9 @@ fn crash_points_never_lose_flushed_data_or_return_stale_data() {
     // reads hit, copied forward while writes race them.
     if points >= 100 {
         assert!(with_copies * 10 >= points, "copy-forward ran in only {with_copies} of {points} crash points");
+        assert!(
+            with_bypasses * 10 >= points,
+            "writes went around the cache in only {with_bypasses} of {points} points"
+        );
     }
 }

@@ -249,3 +249,65 @@ fn with_the_log_full_uncached_writes_go_to_the_backing_device_and_flush_covers_t
     assert_eq!(r.backing.unflushed(), 0, "FLUSH left bypassed writes volatile on the backing device");
     r.done();
 }
+
+#[test]
+fn above_the_dirty_cutoff_uncached_writes_go_around_while_cached_ones_stay_in_the_log() {
+    // writeback_percent 100 and a 1% free-segment watermark keep writeback idle: only the
+    // cutoff can send writes around, and the log keeps plenty of free segments.
+    let o = CacheOptions {
+        seq_cutoff_bytes: 0,
+        writeback_percent: 100,
+        writeback_free_low_percent: 1,
+        dirty_write_cutoff_percent: 20,
+        ..opts()
+    };
+    let r = rig(CacheMode::WriteBack, o, 64);
+    let slots = u64::from(r.set.index().nr_slots());
+    let bypasses = || r.set.counters.full_bypasses.load(Ordering::Relaxed);
+    let mut lba = 0;
+    // The migration thread looks at the dirty fraction between its rounds: write slowly
+    // enough for it to notice the crossing.
+    while bypasses() == 0 {
+        r.write(0, lba, 1);
+        lba += 1;
+        if lba % 16 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(lba < slots, "no write went around with the log {}% dirty", r.set.dirty_blocks() * 100 / slots);
+    }
+    let dirty = r.set.dirty_blocks();
+    assert!(dirty * 100 >= slots * 20, "went around below the cutoff: {dirty} of {slots} slots dirty");
+    assert!(dirty * 100 < slots * 30, "the cutoff was noticed late: {dirty} of {slots} slots dirty");
+    assert!(
+        r.set.free_segments() > 8,
+        "the log was full ({} free segments): not the cutoff's doing",
+        r.set.free_segments()
+    );
+    // New blocks go to the backing device; the dirty count stays where it was.
+    let before = bypasses();
+    for l in lba..lba + 100 {
+        r.write(1, l, 2);
+    }
+    assert_eq!(bypasses() - before, 100, "uncached writes above the cutoff must go around");
+    assert_eq!(r.set.dirty_blocks(), dirty, "writes that went around made blocks dirty");
+    // Cached blocks are still written to the log (an overwrite adds no dirty block).
+    for l in 0..50 {
+        r.write(1, l, 3);
+    }
+    assert_eq!(bypasses() - before, 100, "a write of a cached block went around");
+    assert_eq!(r.set.dirty_blocks(), dirty);
+    for l in 0..50 {
+        assert_eq!(r.read(0, l, 1), block(l, 3));
+    }
+    for l in lba..lba + 100 {
+        assert_eq!(r.read(0, l, 1), block(l, 2));
+    }
+    // Raising the cutoff to 100 lets new blocks into the log again.
+    r.set.set_options(CacheOptions { dirty_write_cutoff_percent: 100, ..r.set.options() });
+    std::thread::sleep(Duration::from_millis(300));
+    let before = bypasses();
+    r.write(0, lba + 200, 4);
+    assert_eq!(bypasses(), before, "with cutoff 100 and room in the log, an uncached write went around");
+    assert_eq!(r.set.dirty_blocks(), dirty + 1);
+    r.done();
+}

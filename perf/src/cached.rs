@@ -47,6 +47,8 @@ pub struct CachedSpec {
     pub writeback_low_pct: Option<u32>,
     /// `CacheOptions::writeback_percent` (None: the engine's default).
     pub writeback_percent: Option<u32>,
+    /// `CacheOptions::dirty_write_cutoff_percent` (None: the engine's default).
+    pub dirty_cutoff_pct: Option<u32>,
     /// An extra reactor on this core runs writeback and reclaim (no job I/O).
     pub migration_core: Option<usize>,
     pub drain: Drain,
@@ -85,6 +87,7 @@ impl CachedSpec {
             seq_cutoff_bytes: self.seq_cutoff.unwrap_or(d.seq_cutoff_bytes),
             writeback_free_low_percent: self.writeback_low_pct.unwrap_or(d.writeback_free_low_percent),
             writeback_percent: self.writeback_percent.unwrap_or(d.writeback_percent),
+            dirty_write_cutoff_percent: self.dirty_cutoff_pct.unwrap_or(d.dirty_write_cutoff_percent),
             migration_reactor: self.migration_core.map(|_| job_reactors),
             ..d
         }
@@ -714,6 +717,7 @@ mod tests {
             seq_cutoff: None,
             writeback_low_pct: None,
             writeback_percent: None,
+            dirty_cutoff_pct: None,
             migration_core: None,
             drain: Drain::No,
         }

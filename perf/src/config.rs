@@ -319,6 +319,11 @@ struct Cli {
     /// keeps writeback idle unless the log runs short of space).
     #[arg(long = "writeback-percent", value_name = "PCT", requires = "cache")]
     writeback_percent: Option<u32>,
+    /// With --cache: dirty percent at which writes of uncached blocks go straight to the
+    /// backing device (engine default 70; 100: only when the log has no room).
+    #[arg(long = "dirty-cutoff-pct", value_name = "PCT", requires = "cache",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    dirty_cutoff_pct: Option<u32>,
     /// With --cache: after the job, ask for a full writeback (`CacheSet::request_drain`)
     /// and time it until no dirty block is left (`drain` in the report).
     #[arg(long = "drain", requires = "cache", conflicts_with = "drain_during")]
@@ -476,6 +481,7 @@ where
             || cli.seq_cutoff.is_some()
             || cli.writeback_low_pct.is_some()
             || cli.writeback_percent.is_some()
+            || cli.dirty_cutoff_pct.is_some()
             || cli.drain
             || cli.drain_during
             || cli.migration_core.is_some())
@@ -527,6 +533,7 @@ where
                 seq_cutoff: cli.seq_cutoff,
                 writeback_low_pct: cli.writeback_low_pct,
                 writeback_percent: cli.writeback_percent,
+                dirty_cutoff_pct: cli.dirty_cutoff_pct,
                 migration_core: cli.migration_core,
                 drain: if cli.drain {
                     crate::cached::Drain::After

@@ -673,6 +673,7 @@ fn options_json(o: &CacheOptions) -> Value {
         "seq_cutoff_threshold_kib": o.seq_cutoff_bytes / 1024,
         "writeback_free_low_percent": o.writeback_free_low_percent,
         "writeback_percent": o.writeback_percent,
+        "dirty_write_cutoff_percent": o.dirty_write_cutoff_percent,
         "writeback_rate_min": o.writeback_rate_min,
         "writeback_rate_max": o.writeback_rate_max,
         "space_wait_limit_ms": o.space_wait_limit.as_millis() as u64,
@@ -706,6 +707,9 @@ pub fn options_config(name: &str, o: &CacheOptions) -> Vec<ConfigEntry> {
     }
     if o.writeback_percent != d.writeback_percent {
         p.insert("writeback_percent".into(), json!(o.writeback_percent));
+    }
+    if o.dirty_write_cutoff_percent != d.dirty_write_cutoff_percent {
+        p.insert("dirty_write_cutoff_percent".into(), json!(o.dirty_write_cutoff_percent));
     }
     if o.writeback_rate_min != d.writeback_rate_min {
         p.insert("writeback_rate_min".into(), json!(o.writeback_rate_min));
@@ -766,6 +770,10 @@ fn set_options(t: &Arc<Target>, p: BdevCacheSetOptionsParams) -> Result<bool, Rp
     if let Some(pct) = p.writeback_percent {
         o.writeback_percent = u32::from(pct);
         applied.push(format!("writeback_percent={pct}"));
+    }
+    if let Some(pct) = p.dirty_write_cutoff_percent {
+        o.dirty_write_cutoff_percent = u32::from(pct);
+        applied.push(format!("dirty_write_cutoff_percent={pct}"));
     }
     if let Some(r) = p.writeback_rate_min {
         o.writeback_rate_min = r;

@@ -256,13 +256,13 @@ impl Inner {
         cached
     }
 
-    /// Whether a write of `len` bytes at `offset` would wait for log space and none of its
-    /// blocks is cached (a cached block must get its new version through the log, so
-    /// that no older version survives it).
-    fn log_full_and_uncached(&self, offset: u64, len: u64) -> bool {
+    /// Whether none of the blocks of a write of `len` bytes at `offset` is cached and the
+    /// write would wait for log space or the set is dirty above its cutoff (a cached block
+    /// must get its new version through the log, so that no older version survives it).
+    fn uncached_and_cache_full(&self, offset: u64, len: u64) -> bool {
         let bs = self.bs();
         let n = len / bs;
-        if self.log.has_room(n as usize) {
+        if self.log.has_room(n as usize) && !self.set().dirty_cutoff.load(Ordering::Acquire) {
             return false;
         }
         let lba0 = offset / bs;
@@ -449,10 +449,11 @@ impl Inner {
     // ---- writes ---------------------------------------------------------------------
 
     async fn write(&self, offset: u64, buf: IoBuf, fua: bool) -> IoCompletion {
-        if self.backing.mode() == CacheMode::WriteBack && self.log_full_and_uncached(offset, buf.len() as u64) {
-            // The log is full of dirty data: a block the cache does not hold goes straight
-            // to the backing device instead of waiting for writeback (what keeps writes at
-            // backing-device speed or better when the cache is 100% dirty).
+        if self.backing.mode() == CacheMode::WriteBack && self.uncached_and_cache_full(offset, buf.len() as u64) {
+            // The log is full, or dirty above the cutoff: a block the cache does not hold
+            // goes straight to the backing device instead of waiting for writeback or
+            // adding to it (what keeps writes at backing-device speed when the cache is
+            // full of dirty data; docs/cache-engine.md "Full log, dirty cutoff").
             self.set().counters.full_bypasses.fetch_add(1, Ordering::Relaxed);
             let r = self.write_around(offset, buf, fua).await;
             return IoCompletion { status: r.0, buf: r.1 };

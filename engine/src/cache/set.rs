@@ -97,6 +97,10 @@ pub struct CacheOptions {
     pub writeback_rate_min: u64,
     pub writeback_rate_max: u64,
     pub seq_cutoff_policy: super::promote::SeqCutoffPolicy,
+    /// Dirty percent of the log's slots at or above which writes of uncached blocks go
+    /// straight to the backing device (bcache's writeback cutoff); 100: only when the log
+    /// has no room at all.
+    pub dirty_write_cutoff_percent: u32,
 }
 
 impl Default for CacheOptions {
@@ -119,6 +123,7 @@ impl Default for CacheOptions {
             writeback_rate_min: 256,
             writeback_rate_max: 200_000,
             seq_cutoff_policy: super::promote::SeqCutoffPolicy::Always,
+            dirty_write_cutoff_percent: 70,
         }
     }
 }
@@ -360,7 +365,8 @@ pub struct SetCounters {
     pub copy_forwards_dropped: AtomicU64,
     pub seq_bypasses: AtomicU64,
     /// Writes of uncached blocks sent straight to the backing device because the log had
-    /// no free segment (instead of waiting for writeback).
+    /// no free segment or the set was dirty above its cutoff (instead of waiting for
+    /// writeback).
     pub full_bypasses: AtomicU64,
 }
 
@@ -422,6 +428,9 @@ pub struct CacheSet {
     /// Writers are waiting for log space (or free segments are below the low watermark):
     /// writeback runs at its full window regardless of the foreground.
     pub(crate) wb_space_urgent: AtomicBool,
+    /// The dirty fraction is at or above `dirty_write_cutoff_percent` (the migration
+    /// thread's last look): writes of uncached blocks go around the cache.
+    pub(crate) dirty_cutoff: AtomicBool,
     /// The rate controller's last decision (for stats).
     pub(crate) writeback_rate: Mutex<super::rate::Decision>,
     /// Writes completed on the cache device (segments, superblock) and the flushes that
@@ -486,6 +495,7 @@ impl CacheSet {
             wb_ios: AtomicU64::new(0),
             wb_claim_skips: AtomicU64::new(0),
             wb_space_urgent: AtomicBool::new(false),
+            dirty_cutoff: AtomicBool::new(false),
             writeback_rate: Mutex::new(super::rate::Decision::Idle),
             cache_writes: WriteGen::default(),
             created: Instant::now(),

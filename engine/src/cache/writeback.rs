@@ -170,6 +170,10 @@ fn migration_main(set: Arc<CacheSet>) {
             rate::summarize(&set.fg, set.created.elapsed().as_nanos() as u64, Duration::from_secs(1));
         let dirty_fraction = set.dirty_blocks() as f64 / set.index.nr_slots().max(1) as f64;
         let o = set.options();
+        set.dirty_cutoff.store(
+            o.dirty_write_cutoff_percent < 100 && dirty_fraction * 100.0 >= f64::from(o.dirty_write_cutoff_percent),
+            Ordering::Release,
+        );
         let knobs = RateKnobs {
             writeback_percent: o.writeback_percent,
             rate_min: o.writeback_rate_min as f64,

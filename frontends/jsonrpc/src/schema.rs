@@ -743,10 +743,14 @@ pub struct BdevCacheSetOptionsParams {
     /// Dirty-data target, percent of the cache (0..=100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback_percent: Option<u8>,
-    /// Minimum writeback rate, KiB/s.
+    /// Dirty percent of the cache at which writes of uncached blocks go around the cache
+    /// to the backing device (1..=100; 100: only when the log has no room).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_write_cutoff_percent: Option<u8>,
+    /// Minimum writeback rate, cache blocks per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback_rate_min: Option<u64>,
-    /// Maximum writeback rate, KiB/s.
+    /// Maximum writeback rate, cache blocks per second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub writeback_rate_max: Option<u64>,
     /// Decayed I/O error count that fails the cache device.
@@ -777,6 +781,9 @@ impl Validate for BdevCacheSetOptionsParams {
         }
         if self.writeback_percent.is_some_and(|p| p > 100) {
             return Err(ParamError::invalid("writeback_percent", "must be in 0..=100"));
+        }
+        if self.dirty_write_cutoff_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+            return Err(ParamError::invalid("dirty_write_cutoff_percent", "must be in 1..=100"));
         }
         if let (Some(lo), Some(hi)) = (self.writeback_rate_min, self.writeback_rate_max) {
             if lo > hi {
@@ -1184,6 +1191,10 @@ mod tests {
         decode_params::<BdevCacheSetOptionsParams>(Some(json!({"name":"c","seal_idle_ms":5}))).unwrap();
         assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_percent":101}))
             .starts_with("writeback_percent:"));
+        for bad in [0, 101] {
+            assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","dirty_write_cutoff_percent":bad}))
+                .starts_with("dirty_write_cutoff_percent:"));
+        }
         assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_rate_min":5,"writeback_rate_max":4}))
             .starts_with("writeback_rate_max:"));
         assert!(err::<BdevCacheSetOptionsParams>(json!({"name":"c","writeback_rate_max":0}))

@@ -49,6 +49,8 @@ pub struct CachedSpec {
     pub writeback_percent: Option<u32>,
     /// `CacheOptions::dirty_write_cutoff_percent` (None: the engine's default).
     pub dirty_cutoff_pct: Option<u32>,
+    /// I/Os of the job's workload run unmeasured before it (`--prefill-ios`).
+    pub prefill_ios: Option<u64>,
     /// An extra reactor on this core runs writeback and reclaim (no job I/O).
     pub migration_core: Option<usize>,
     pub drain: Drain,
@@ -718,6 +720,7 @@ mod tests {
             writeback_low_pct: None,
             writeback_percent: None,
             dirty_cutoff_pct: None,
+            prefill_ios: None,
             migration_core: None,
             drain: Drain::No,
         }

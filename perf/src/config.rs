@@ -324,6 +324,12 @@ struct Cli {
     #[arg(long = "dirty-cutoff-pct", value_name = "PCT", requires = "cache",
           value_parser = clap::value_parser!(u32).range(1..=100))]
     dirty_cutoff_pct: Option<u32>,
+    /// With --cache: run the same workload for N I/Os first, unmeasured (seed + 1000), to
+    /// bring the cache to a state — e.g. full of dirty data — within the one process (a
+    /// malloc: cache does not outlive it). The report covers the measured job only.
+    #[arg(long = "prefill-ios", value_name = "N", requires = "cache",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    prefill_ios: Option<u64>,
     /// With --cache: after the job, ask for a full writeback (`CacheSet::request_drain`)
     /// and time it until no dirty block is left (`drain` in the report).
     #[arg(long = "drain", requires = "cache", conflicts_with = "drain_during")]
@@ -482,6 +488,7 @@ where
             || cli.writeback_low_pct.is_some()
             || cli.writeback_percent.is_some()
             || cli.dirty_cutoff_pct.is_some()
+            || cli.prefill_ios.is_some()
             || cli.drain
             || cli.drain_during
             || cli.migration_core.is_some())
@@ -534,6 +541,7 @@ where
                 writeback_low_pct: cli.writeback_low_pct,
                 writeback_percent: cli.writeback_percent,
                 dirty_cutoff_pct: cli.dirty_cutoff_pct,
+                prefill_ios: cli.prefill_ios,
                 migration_core: cli.migration_core,
                 drain: if cli.drain {
                     crate::cached::Drain::After

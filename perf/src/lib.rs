@@ -133,6 +133,9 @@ fn run_cached(
             let _ = write!(out, "{}", report::header(&config, &target, opts.seed_given));
             let _ = out.flush();
         }
+        if let Some(n) = spec.prefill_ios {
+            prefill(&set, &bdev, &cores, &opts.job, n, stop.clone())?;
+        }
         let progress: Option<&mut dyn Write> = if opts.progress { Some(out) } else { None };
         tgt.job_started();
         let outcome = run_job(&set, bdev.clone(), &cores, &opts.job, progress, stop);
@@ -166,6 +169,28 @@ fn run_cached(
 
 /// The whole command: parse, run, print. Returns the process exit code (0 ok, 1 I/O
 /// errors / verify mismatches / setup failure, 2 usage error).
+/// Seed offset of the unmeasured prefill job (`--prefill-ios`): its own I/O sequence.
+const PREFILL_SEED_OFFSET: u64 = 1000;
+
+/// `--prefill-ios`: the job's workload for `ios` I/Os, unmeasured; any I/O error fails the
+/// run (a prefill that did not happen would make the measured job a different one).
+fn prefill(
+    set: &ReactorSet,
+    bdev: &Arc<dyn tiercache_engine::bdev::Bdev>,
+    cores: &[Option<usize>],
+    job: &JobConfig,
+    ios: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
+    let pre = JobConfig { limit: Limit::Count(ios), seed: job.seed.wrapping_add(PREFILL_SEED_OFFSET), ..job.clone() };
+    let outcome = run_job(set, bdev.clone(), cores, &pre, None, stop)?;
+    let errors: u64 = outcome.reactors.iter().map(|r| r.counts.errors).sum();
+    if errors > 0 {
+        return Err(format!("prefill: {errors} I/O errors in {ios} I/Os"));
+    }
+    Ok(())
+}
+
 pub fn run_cli<I, T>(args: I, out: &mut dyn Write, err: &mut dyn Write, stop: Arc<AtomicBool>) -> i32
 where
     I: IntoIterator<Item = T>,

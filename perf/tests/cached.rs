@@ -348,3 +348,54 @@ fn drain_after_the_job_writes_every_dirty_block_back() {
     assert!(d["mib_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(doc["cache"]["dirty_blocks"], 0);
 }
+
+#[test]
+fn prefill_runs_unmeasured_before_the_job_in_the_same_process() {
+    // A RAM cache starts empty in every process: the prefill is the only way to measure a
+    // job against a cache that already holds data.
+    let dir = TempDir::new("prefill");
+    let backing = dir.file("backing.dat", 64 << 20);
+    let (code, out, err) = cli(&[
+        "--cache",
+        "malloc:32M",
+        "--backing",
+        backing.as_str(),
+        "--cache-format",
+        "--segment-size",
+        "128k",
+        "--seq-cutoff",
+        "0",
+        "--writeback-percent",
+        "100",
+        "--dirty-cutoff-pct",
+        "100",
+        "-w",
+        "randwrite",
+        "-q",
+        "4",
+        "--io-count",
+        "1000",
+        "--prefill-ios",
+        "2000",
+        "--cores",
+        "0",
+        "--seed",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let doc = json(&out);
+    assert_eq!(doc["total"]["writes"], 1000, "the report covers the measured job only");
+    let c = &doc["cache"];
+    assert_eq!(c["engine"]["write_blocks"], 1000, "engine counters are the measured job's: {}", c["engine"]);
+    // The prefill's writes are in the cache: 3,000 random writes over 16,384 blocks leave
+    // about 2,750 distinct dirty blocks (no writeback: writeback_percent 100, room left).
+    let dirty = c["dirty_blocks"].as_u64().unwrap();
+    assert!(dirty > 2000 && dirty <= 3000, "dirty blocks {dirty}: the prefill did not write into the cache");
+    // Bad values are refused.
+    let (code, _, err) =
+        cli(&["--cache", "malloc:32M", "--backing", backing.as_str(), "--prefill-ios", "0", "-t", "1"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = cli(&["--malloc", "32M", "--prefill-ios", "10", "-t", "1"]);
+    assert_eq!(code, 2, "{err}");
+}

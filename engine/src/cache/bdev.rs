@@ -846,4 +846,40 @@ mod tests {
         drop(cb);
         rs.stop();
     }
+
+    /// An in-place overwrite in the open segment must not revive a version the index no
+    /// longer counts as dirty (a direct write marks it clean before its tombstone lands):
+    /// the new write gets a slot of its own, dirty in the index.
+    #[test]
+    fn a_write_over_a_version_marked_clean_in_the_open_segment_appends() {
+        let rs = ReactorSet::start(ReactorConfig::unpinned(1)).unwrap();
+        let opts = CacheOptions { seal_idle: Duration::from_secs(60), seq_cutoff_bytes: 0, ..CacheOptions::default() };
+        let cb = cached_on_sim(&rs, "inplace", opts, BdevDesc::new(SimDisk::new("b", 512, 16 << 11)));
+        let set = cb.cache_set().clone();
+        set.stop_migration();
+        let desc = BdevDesc::new(cb.clone());
+        let key = CacheSet::key(cb.backing().idx, 7).unwrap();
+        let overwrites = || set.counters.write_overwrites_in_buffer.load(Ordering::Relaxed);
+        write(&rs, &desc, 0, 7, 1);
+        write(&rs, &desc, 0, 7, 2);
+        assert_eq!(overwrites(), 1, "a dirty version in the open segment is overwritten in place");
+        let p = set.index.register();
+        let h = set.index.lookup(&p, key).unwrap();
+        assert!(set.index.mark_clean(&p, h.slot, h.gen));
+        drop(p);
+        write(&rs, &desc, 0, 7, 3);
+        assert_eq!(overwrites(), 1, "overwrote a version the index counts as clean");
+        let p = set.index.register();
+        let h2 = set.index.lookup(&p, key).unwrap();
+        assert!(h2.dirty && h2.slot != h.slot, "the new version must be dirty in a slot of its own: {h2:?}");
+        drop(p);
+        let d = desc.clone();
+        let got = rs
+            .block_on(0, move || async move { d.channel().unwrap().read(7 * BS as u64, IoBuf::new(BS)).await.buf })
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got[..], &block(7, 3)[..]);
+        drop(cb);
+        rs.stop();
+    }
 }

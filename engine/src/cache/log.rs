@@ -392,10 +392,13 @@ impl ReactorLog {
             }
             let mut guard = self.open.borrow_mut();
             let ob = guard.as_mut().expect("open segment present");
-            // Newest version already in our open segment: overwrite it in place.
+            // Newest version already in our open segment, dirty in the index as in its
+            // record: overwrite it in place. (A direct write marks the version clean in the
+            // index before its tombstone lands; a write racing it then appends instead of
+            // reviving a slot the index no longer counts as dirty.)
             if matches!(kind, EntryKind::Dirty) && ticket.is_none() {
                 if let Some(hit) = self.lookup(key) {
-                    if hit.segment == ob.seg.id() && !hit.zero {
+                    if hit.segment == ob.seg.id() && !hit.zero && hit.dirty {
                         let i = hit.version.index as usize;
                         if let (Some(d), Some(rec)) = (data, ob.records.get_mut(i)) {
                             if rec.flags & record_flags::DIRTY != 0 && rec.flags & record_flags::ZERO == 0 {

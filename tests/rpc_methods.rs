@@ -278,6 +278,10 @@ fn cache_methods() {
     assert_eq!(st["mode"], json!("writeback"));
     assert!(st["cache_set"]["nr_segments"].as_u64().unwrap() > 4);
     assert_eq!(st["cache_set"]["dirty_blocks"], json!(0));
+    assert_eq!(st["cache_set"]["writeback_rate"], json!("idle"), "nothing dirty: {st}");
+    // No foreground reads seen yet: the guard has no baseline and its window is fully open.
+    let g = &st["cache_set"]["writeback_guard"];
+    assert_eq!((&g["window"], &g["baseline_read_p99_us"]), (&json!(128), &json!(null)), "{st}");
     d.err("bdev_cache_get_stats", json!({"name":"hdd0"}), ENODEV);
     assert_eq!(d.ok("bdev_cache_reset_stats", json!({"name":"c0"})), json!(true));
     d.err("bdev_cache_reset_stats", json!({"name":"nope"}), ENODEV);

@@ -22,6 +22,7 @@ use tiercache_bdevs::malloc::MallocBdev;
 use tiercache_bdevs::uring::UringBdev;
 use tiercache_engine::bdev::{Bdev, BdevChannel, BdevDesc, BdevInfo, IoFuture, IoRequest, IoType};
 use tiercache_engine::cache::index::SegmentId;
+use tiercache_engine::cache::tail_guard::GuardState;
 use tiercache_engine::cache::{self, CacheMode, CacheOptions, CacheSet, CachedBdev};
 use tiercache_engine::reactor::ReactorSet;
 use tiercache_engine::Errno;
@@ -418,6 +419,9 @@ pub struct CacheReport {
     pub drain: Option<DrainReport>,
     /// The writeback rate controller's decision at the end of the job (Debug form).
     pub writeback_decision: String,
+    /// The writeback tail guard at the end of the job: window, pace, baseline and the
+    /// decisions of the intervals closed during the job.
+    pub tail_guard: serde_json::Value,
     /// The engine's per-path latency over the job (`CacheSet::latency`, µs: read hit, read
     /// miss, write, bypass, writeback I/O).
     pub path_latency_us: serde_json::Value,
@@ -439,6 +443,8 @@ pub struct CachedTarget {
     engine_end: Option<EngineCounters>,
     cached_blocks: u64,
     decision: String,
+    guard_start: Option<GuardState>,
+    guard_end: Option<GuardState>,
     path_latency: serde_json::Value,
     drain_start: Option<(Instant, u64, DevCounts, DevCounts)>,
     drain: Option<DrainReport>,
@@ -529,9 +535,28 @@ impl CachedTarget {
             engine_end: None,
             cached_blocks: 0,
             decision: String::new(),
+            guard_start: None,
+            guard_end: None,
             path_latency: serde_json::Value::Null,
             drain_start: None,
             drain: None,
+        })
+    }
+
+    /// The tail guard at the end of the job, with the decisions of the job's intervals.
+    fn guard_json(&self) -> serde_json::Value {
+        let Some(end) = self.guard_end else { return serde_json::Value::Null };
+        let d0 = self.guard_start.map(|g| g.decisions).unwrap_or_default();
+        let d = end.decisions;
+        serde_json::json!({
+            "window": end.window,
+            "pace_us": end.pace.as_micros() as u64,
+            "baseline_p99_us": end.baseline_p99_ns.map(|b| round3(b / 1000.0)),
+            "last_p99_us": end.last_p99_ns.map(|p| round3(p as f64 / 1000.0)),
+            "intervals_baseline": d.baseline - d0.baseline,
+            "intervals_over": d.over - d0.over,
+            "intervals_within": d.within - d0.within,
+            "intervals_no_reads": d.no_reads - d0.no_reads,
         })
     }
 
@@ -546,6 +571,7 @@ impl CachedTarget {
     pub fn job_started(&mut self) {
         self.start = Some((self.cache_dev.counts(), self.backing_dev.counts()));
         self.engine_start = EngineCounters::of(&self.set);
+        self.guard_start = Some(self.set.tail_guard_state());
         let set = self.set.clone();
         let _ = self.set.reactors().block_on(0, move || async move { set.reset_latency().await });
         if self.spec.drain == Drain::During {
@@ -561,6 +587,7 @@ impl CachedTarget {
         self.engine_end = Some(EngineCounters::of(&self.set));
         self.cached_blocks = self.live_dirty().0;
         self.decision = format!("{:?}", self.set.writeback_rate());
+        self.guard_end = Some(self.set.tail_guard_state());
         let set = self.set.clone();
         self.path_latency = self
             .set
@@ -681,6 +708,7 @@ impl CachedTarget {
             cached_blocks: self.cached_blocks,
             drain: self.drain.clone(),
             writeback_decision: self.decision.clone(),
+            tail_guard: self.guard_json(),
             path_latency_us: self.path_latency.clone(),
         })
     }

@@ -106,16 +106,30 @@ impl RateController {
 
 /// Buckets of the foreground read-latency histogram: four per power of two from 1 µs
 /// (below: bucket 0) up to ~17 s (above: the last bucket).
-pub const LAT_BUCKETS: usize = 64;
+pub const LAT_BUCKETS: usize = 128;
+/// Sub-buckets per power of two (12.5% wide: the tail guard compares p99s 25% apart,
+/// and 4 sub-buckets — 25% steps — made one interval's p99 jump a whole bar).
+const SUB_SHIFT: usize = 3;
+const SUBS: usize = 1 << SUB_SHIFT;
 
-/// Histogram bucket of a latency in ns.
+/// Histogram bucket of a latency in ns: bucket 0 holds everything below 1,024 ns, then
+/// `SUBS` buckets per power of two up to ~67 ms; the last bucket holds the rest.
 pub fn bucket(ns: u64) -> usize {
     if ns < 1024 {
         return 0;
     }
     let lz = 63 - ns.leading_zeros() as usize; // floor(log2), >= 10
-    let sub = ((ns >> (lz - 2)) & 3) as usize;
-    ((lz - 10) * 4 + sub + 1).min(LAT_BUCKETS - 1)
+    let sub = ((ns >> (lz - SUB_SHIFT)) & (SUBS as u64 - 1)) as usize;
+    ((lz - 10) * SUBS + sub + 1).min(LAT_BUCKETS - 1)
+}
+
+/// Lower bound (ns) of a bucket's latencies.
+pub fn bucket_lower_ns(b: usize) -> u64 {
+    if b == 0 {
+        return 0;
+    }
+    let (lz, sub) = ((b - 1) / SUBS + 10, (b - 1) % SUBS);
+    (SUBS as u64 + sub as u64) << (lz - SUB_SHIFT)
 }
 
 /// Upper bound (ns) of a bucket's latencies.
@@ -123,8 +137,8 @@ pub fn bucket_upper_ns(b: usize) -> u64 {
     if b == 0 {
         return 1024;
     }
-    let (lz, sub) = ((b - 1) / 4 + 10, (b - 1) % 4);
-    ((4 + sub as u64 + 1) << (lz - 2)).min(u64::MAX >> 1)
+    let (lz, sub) = ((b - 1) / SUBS + 10, (b - 1) % SUBS);
+    ((SUBS as u64 + sub as u64 + 1) << (lz - SUB_SHIFT)).min(u64::MAX >> 1)
 }
 
 /// Foreground activity of one reactor, written only by that reactor, read by the
@@ -184,12 +198,13 @@ mod tests {
     #[test]
     fn latency_buckets_are_monotonic_and_bound_their_values() {
         let mut prev = 0;
-        for ns in [0u64, 500, 1024, 1500, 2047, 2048, 50_000, 64_000, 1_000_000, 1 << 40] {
+        for ns in [0u64, 500, 1024, 1500, 2047, 2048, 50_000, 64_000, 100_000, 115_000, 1_000_000, 1 << 40] {
             let b = bucket(ns);
             assert!(b >= prev, "bucket({ns}) = {b} < {prev}");
             assert!(ns <= bucket_upper_ns(b) || b == LAT_BUCKETS - 1, "{ns} above bucket {b}'s bound");
             if b > 0 {
                 assert!(ns >= bucket_upper_ns(b - 1), "{ns} below bucket {b}'s range");
+                assert_eq!(bucket_lower_ns(b), bucket_upper_ns(b - 1));
             }
             prev = b;
         }

@@ -684,6 +684,11 @@ impl CacheSet {
         *self.writeback_rate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The writeback tail guard's window, pacing, baseline and decision counts.
+    pub fn tail_guard_state(&self) -> super::tail_guard::GuardState {
+        self.tail_guard.lock().unwrap_or_else(|e| e.into_inner()).state()
+    }
+
     /// Per-path latency histograms merged over every reactor (µs).
     pub async fn latency(self: &Arc<Self>) -> super::log::PathLatency {
         let mut total = super::log::PathLatency::new();

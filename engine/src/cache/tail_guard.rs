@@ -10,12 +10,20 @@
 //! and runs AIMD on the window:
 //!
 //! - an interval with writeback I/O and p99 above `SLACK` × the baseline halves the
-//!   window (down to the caller's minimum);
+//!   window (down to the caller's minimum); far above (`FAR` × the bar: writeback ran at
+//!   a wide window when reads started) it drops to the minimum at once — halving from 128
+//!   took six intervals of millisecond reads (measured: p99 2.6 ms → 0.33 ms over 120 ms);
 //! - an interval with writeback I/O and p99 within it grows the window by one;
-//! - an interval without writeback I/O updates the baseline (EWMA of its p99);
+//! - an interval without writeback I/O, after another one without, updates the baseline
+//!   (the first quiet interval still holds the tail of writeback I/O issued just before
+//!   it; counting it set baselines 1.6x apart in runs of the same load): an EWMA that falls fast and
+//!   rises slowly, because what pollutes a quiet interval (a round's device flushes, a
+//!   cold start) only ever raises its p99 — a baseline of 197 µs from the first interval
+//!   of a run let intervals at 230 µs pass while the reader's idle p99 was 115–150 µs;
 //! - without a baseline the window stays at the minimum, and [`TailGuard::wants_probe`]
-//!   asks the migration thread to pause writeback briefly so one can be measured (also
-//!   every `REPROBE_AFTER`, as the foreground load changes).
+//!   asks the migration thread to pause writeback briefly (`probe_pause`: long enough for
+//!   two settled quiet intervals) so one can be measured; again every `REPROBE_AFTER`,
+//!   as the foreground load changes.
 //!
 //! Once the window is 1 and p99 is still over the bar, the guard also *paces* writeback
 //! (a pause between runs, doubled per interval up to 20 ms, halved back when within).
@@ -35,11 +43,13 @@ const MIN_SAMPLES: u64 = 200;
 const MAX_INTERVAL: Duration = Duration::from_millis(500);
 /// Allowed p99 growth over the baseline before the window shrinks.
 const SLACK: f64 = 1.25;
+/// p99 above `FAR` × `SLACK` × the baseline: the window drops to the minimum at once.
+const FAR: f64 = 2.0;
 /// Pacing between writeback runs: from this, doubling up to `MAX_PACE`.
 const MIN_PACE: Duration = Duration::from_micros(200);
 const MAX_PACE: Duration = Duration::from_millis(20);
 /// Re-measure the baseline this often.
-const REPROBE_AFTER: Duration = Duration::from_secs(10);
+const REPROBE_AFTER: Duration = Duration::from_secs(2);
 
 /// State of the guard (owned by the cache set, behind a mutex: only the migration
 /// thread and the migration reactor touch it).
@@ -48,6 +58,8 @@ pub struct TailGuard {
     last: [u64; LAT_BUCKETS],
     last_at: Instant,
     last_wb_ios: u64,
+    /// The last closed interval issued no writeback I/O.
+    last_quiet: bool,
     baseline_p99_ns: Option<f64>,
     baseline_at: Option<Instant>,
     window: usize,
@@ -56,6 +68,31 @@ pub struct TailGuard {
     pace: Duration,
     /// p99 of the last closed interval, ns (None: no reads in it).
     pub last_p99_ns: Option<u64>,
+    /// What the closed intervals decided (counts since the set started).
+    decisions: GuardDecisions,
+}
+
+/// How many closed intervals ended each way (monotonic counts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardDecisions {
+    /// Without writeback I/O: the baseline was updated.
+    pub baseline: u64,
+    /// With writeback I/O and p99 over the bar: window shrunk (or pace grown).
+    pub over: u64,
+    /// With writeback I/O and p99 within the bar: window grown (or pace shrunk).
+    pub within: u64,
+    /// Without foreground reads: window fully open.
+    pub no_reads: u64,
+}
+
+/// A snapshot of the guard for statistics (`CacheSet::tail_guard_state`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GuardState {
+    pub window: usize,
+    pub pace: Duration,
+    pub baseline_p99_ns: Option<f64>,
+    pub last_p99_ns: Option<u64>,
+    pub decisions: GuardDecisions,
 }
 
 impl Default for TailGuard {
@@ -64,16 +101,19 @@ impl Default for TailGuard {
             last: [0; LAT_BUCKETS],
             last_at: Instant::now(),
             last_wb_ios: 0,
+            last_quiet: false,
             baseline_p99_ns: None,
             baseline_at: None,
             window: MAX_WINDOW,
             pace: Duration::ZERO,
             last_p99_ns: None,
+            decisions: GuardDecisions::default(),
         }
     }
 }
 
-/// p99 (upper bound of its bucket, ns) of a bucket histogram; None when empty.
+/// p99 of a bucket histogram, ns, interpolated within the bucket that holds the 99th
+/// percentile (the bucket's bound alone quantises it to 12.5% steps); None when empty.
 pub fn p99_ns(hist: &[u64; LAT_BUCKETS]) -> Option<u64> {
     let n: u64 = hist.iter().sum();
     if n == 0 {
@@ -82,10 +122,13 @@ pub fn p99_ns(hist: &[u64; LAT_BUCKETS]) -> Option<u64> {
     let rank = n - n / 100; // the sample at the 99th percentile, 1-based
     let mut seen = 0;
     for (b, &c) in hist.iter().enumerate() {
-        seen += c;
-        if seen >= rank {
-            return Some(super::rate::bucket_upper_ns(b));
+        if seen + c >= rank {
+            let (lo, hi) = (super::rate::bucket_lower_ns(b), super::rate::bucket_upper_ns(b));
+            let p = lo + (hi - lo) * (rank - seen) / c;
+            debug_assert!((lo..=hi).contains(&p));
+            return Some(p);
         }
+        seen += c;
     }
     Some(super::rate::bucket_upper_ns(LAT_BUCKETS - 1))
 }
@@ -114,32 +157,46 @@ impl TailGuard {
             return self.window.max(min_window);
         }
         let wb_active = wb_ios != self.last_wb_ios;
+        // The first quiet interval after writeback still holds the I/Os (and flushes)
+        // issued at the end of the one before: it measures neither state.
+        let settled = !wb_active && self.last_quiet;
+        self.last_quiet = !wb_active;
         self.last = cur;
         self.last_at = now;
         self.last_wb_ios = wb_ios;
         let p99 = p99_ns(&delta);
         self.last_p99_ns = p99;
         let Some(p99) = p99 else {
+            self.decisions.no_reads += 1;
             self.window = MAX_WINDOW;
             self.pace = Duration::ZERO;
             return self.window;
         };
-        if !wb_active {
+        if !wb_active && !settled {
+            // Between the two: neither a baseline nor a verdict on writeback.
+        } else if !wb_active {
+            self.decisions.baseline += 1;
             let p = p99 as f64;
-            self.baseline_p99_ns = Some(self.baseline_p99_ns.map_or(p, |b| b * 0.7 + p * 0.3));
+            self.baseline_p99_ns = Some(self.baseline_p99_ns.map_or(p, |b| {
+                let w = if p < b { 0.5 } else { 0.1 };
+                b * (1.0 - w) + p * w
+            }));
             self.baseline_at = Some(now);
         } else if let Some(b) = self.baseline_p99_ns {
             if p99 as f64 > SLACK * b {
+                self.decisions.over += 1;
                 if self.window == 1 {
                     self.pace = (self.pace * 2).clamp(MIN_PACE, MAX_PACE);
                 }
-                self.window = (self.window / 2).max(1);
+                self.window = if p99 as f64 > FAR * SLACK * b { 1 } else { (self.window / 2).max(1) };
             } else if !self.pace.is_zero() {
+                self.decisions.within += 1;
                 self.pace /= 2;
                 if self.pace < MIN_PACE {
                     self.pace = Duration::ZERO;
                 }
             } else {
+                self.decisions.within += 1;
                 self.window = (self.window + 1).min(MAX_WINDOW);
             }
         } else {
@@ -169,7 +226,7 @@ impl TailGuard {
 
     /// How long a probe pause lasts (a couple of intervals).
     pub fn probe_pause() -> Duration {
-        3 * INTERVAL
+        5 * INTERVAL
     }
 
     /// Pause before the next writeback run (zero: none).
@@ -179,6 +236,16 @@ impl TailGuard {
 
     pub fn baseline_p99_ns(&self) -> Option<f64> {
         self.baseline_p99_ns
+    }
+
+    pub fn state(&self) -> GuardState {
+        GuardState {
+            window: self.window,
+            pace: self.pace,
+            baseline_p99_ns: self.baseline_p99_ns,
+            last_p99_ns: self.last_p99_ns,
+            decisions: self.decisions,
+        }
     }
 }
 
@@ -190,6 +257,22 @@ mod tests {
         for _ in 0..n {
             fg.record(1, Some(ns));
         }
+    }
+
+    #[test]
+    fn p99_is_interpolated_within_its_bucket() {
+        // 1,000 samples spread evenly over 100..110 µs: the p99 lies near 110, not at the
+        // bound of whichever bucket holds it.
+        let fg = FgStat::default();
+        for i in 0..1000u64 {
+            fg.record(1, Some(100_000 + i * 10));
+        }
+        let mut h = [0u64; LAT_BUCKETS];
+        for (b, c) in h.iter_mut().enumerate() {
+            *c = fg.read_hist[b].load(std::sync::atomic::Ordering::Relaxed);
+        }
+        let p = p99_ns(&h).unwrap();
+        assert!((106_000..=114_688).contains(&p), "p99 {p}");
     }
 
     #[test]
@@ -226,18 +309,27 @@ mod tests {
         let (w, t) = step(&mut g, 50_000, 1);
         assert_eq!(w, 1);
         assert!(g.wants_probe(t));
-        // A quiet interval (no writeback I/O) sets the baseline.
+        // The first quiet interval (no writeback I/O) still holds writeback's tail: it sets
+        // nothing; the second one sets the baseline.
+        let (_, t) = step(&mut g, 900_000, 1);
+        assert!(g.baseline_p99_ns().is_none() && g.wants_probe(t));
         let (_, t) = step(&mut g, 50_000, 1);
         assert!(g.baseline_p99_ns().is_some() && !g.wants_probe(t));
+        assert!(g.baseline_p99_ns().unwrap() < 60_000.0, "{:?}", g.baseline_p99_ns());
         // Writeback with p99 unchanged: the window grows by one per interval.
         let (w1, _) = step(&mut g, 50_000, 2);
         let (w2, _) = step(&mut g, 50_000, 3);
         assert_eq!(w2, w1 + 1);
-        // p99 10x: halved.
-        let (w3, _) = step(&mut g, 500_000, 4);
+        // p99 1.5x: halved.
+        let (w3, _) = step(&mut g, 75_000, 4);
         assert_eq!(w3, (w2 / 2).max(1));
+        // p99 10x: straight to the minimum.
+        let (_, _) = step(&mut g, 50_000, 5);
+        let (_, _) = step(&mut g, 50_000, 6);
+        let (w3, _) = step(&mut g, 500_000, 7);
+        assert_eq!(w3, 1);
         // Never below the caller's minimum; at window 1 and still over the bar, runs are paced.
-        let (w4, t) = step(&mut g, 500_000, 5);
+        let (w4, t) = step(&mut g, 500_000, 8);
         assert!(w4 >= 1);
         let mut k = 0;
         while g.pace().is_zero() {
@@ -247,6 +339,26 @@ mod tests {
             g.tick(&fg, 100 + k, t + INTERVAL * k as u32, 1);
         }
         assert!(g.tick(&fg, 6, t + INTERVAL, 8) >= 8);
+    }
+
+    #[test]
+    fn the_baseline_falls_fast_and_rises_slowly() {
+        let fg = [FgStat::default()];
+        let mut g = TailGuard::default();
+        let t0 = Instant::now();
+        let at = |g: &mut TailGuard, ns: u64, k: u32| {
+            feed(&fg[0], ns, 500);
+            g.tick(&fg, 0, t0 + INTERVAL * k, 1);
+            g.baseline_p99_ns()
+        };
+        assert_eq!(at(&mut g, 200_000, 1), None, "the first quiet interval is not settled");
+        let at = |g: &mut TailGuard, ns: u64, k: u32| at(g, ns, k).unwrap();
+        let first = at(&mut g, 200_000, 2);
+        // A quieter interval pulls it halfway down; a louder one only a tenth of the way up.
+        let down = at(&mut g, 100_000, 3);
+        assert!(down < first * 0.8, "{first} -> {down}");
+        let up = at(&mut g, 400_000, 4);
+        assert!(up > down && up < down * 1.5, "{down} -> {up}");
     }
 
     #[test]

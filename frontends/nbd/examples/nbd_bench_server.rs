@@ -42,6 +42,10 @@ struct Args {
     /// Reactor rings with IORING_SETUP_DEFER_TASKRUN (for comparisons).
     #[arg(long)]
     defer_taskrun: bool,
+    /// Hand SQEs to the kernel once this many are queued (0: once per reactor loop
+    /// iteration, or with the sleep); ReactorConfig::submit_batch.
+    #[arg(long, default_value_t = 1)]
+    submit_batch: u32,
     /// Export name.
     #[arg(long, default_value = "bench")]
     name: String,
@@ -55,6 +59,7 @@ fn main() -> Result<(), String> {
         busy_poll: a.busy_poll,
         idle_threshold: std::time::Duration::from_micros(a.idle_threshold_us),
         defer_taskrun: a.defer_taskrun,
+        submit_batch: a.submit_batch,
         ..ReactorConfig::pinned(&cores)
     };
     let reactors = ReactorSet::start(cfg).map_err(|e| format!("reactors: {e}"))?;

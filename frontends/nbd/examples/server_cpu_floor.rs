@@ -1,0 +1,152 @@
+//! The CPU floor of an NBD-like server on this machine: the least work any server must do
+//! per 4K read request of `fio --ioengine=nbd --rw=randread --bs=4k --iodepth=32`, with
+//! nothing else — no protocol parsing, no bdev layer, no event loop.
+//!
+//! The "server" (this process, to be pinned with `taskset -c 0`) does, per batch of
+//! `--batch` requests: one blocking `read` of the batch's 28-byte requests, one 4K copy per
+//! request out of a `--size-mib` RAM buffer at a random 4K offset (what a RAM bdev does),
+//! and one blocking `write` of the replies (16-byte header + 4K each). The client, a child
+//! process of this binary pinned to `--client-core`, keeps `--depth` requests in flight.
+//! Blocking sockets mean the server sleeps in the kernel whenever it waits, as a reactor
+//! does when it has nothing to do.
+//!
+//! Printed: requests per second and the server's CPU (utime + stime of this process,
+//! from /proc/self/stat) per request. Compare with `scripts/bench-nbd.sh`'s "server CPU
+//! µs/I/O" (docs/benchmarks.md, NBD).
+//!
+//! ```sh
+//! cargo build --release -p tiercache-nbd --example server_cpu_floor
+//! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+const REQ: usize = 28;
+const BLOCK: usize = 4096;
+const REPLY: usize = 16 + BLOCK;
+
+#[derive(Parser)]
+struct Args {
+    /// Run as the client, connecting to this address (used by the server to spawn it).
+    #[arg(long)]
+    client: Option<String>,
+    /// Requests the client keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    depth: usize,
+    /// Requests per server read / reply write.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Size of the RAM buffer the copies come from.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: usize,
+    /// Allocate the buffer in stripes of this many MiB, each its own allocation (the
+    /// malloc bdev's 1 MiB stripes); 0: one allocation.
+    #[arg(long, default_value_t = 0)]
+    stripe_mib: usize,
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    #[arg(long, default_value_t = 1)]
+    client_core: usize,
+}
+
+fn main() -> std::io::Result<()> {
+    let a = Args::parse();
+    if a.depth == 0 || a.batch == 0 || a.depth % a.batch != 0 {
+        eprintln!("--depth must be a positive multiple of --batch");
+        std::process::exit(2);
+    }
+    match &a.client {
+        Some(addr) => client(addr, &a),
+        None => server(&a),
+    }
+}
+
+/// Keep `depth` requests in flight, `batch` per write, until the server closes.
+fn client(addr: &str, a: &Args) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let reqs = vec![0u8; REQ * a.batch];
+    let mut replies = vec![0u8; REPLY * a.batch];
+    for _ in 0..a.depth / a.batch {
+        s.write_all(&reqs)?;
+    }
+    loop {
+        if s.read_exact(&mut replies).is_err() {
+            return Ok(());
+        }
+        if s.write_all(&reqs).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+fn server(a: &Args) -> std::io::Result<()> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new("taskset")
+        .arg("-c")
+        .arg(a.client_core.to_string())
+        .arg(exe)
+        .args(["--client", &addr, "--depth", &a.depth.to_string(), "--batch", &a.batch.to_string()])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+
+    // Touch the whole buffer first, as a filled RAM bdev is.
+    let stripe = if a.stripe_mib == 0 { a.size_mib << 20 } else { a.stripe_mib << 20 };
+    let stripes: Vec<Vec<u8>> = (0..(a.size_mib << 20) / stripe)
+        .map(|k| (0..stripe).map(|i| ((k * stripe + i) >> 12) as u8).collect())
+        .collect();
+    let blocks = ((a.size_mib << 20) / BLOCK) as u64;
+    let per_stripe = stripe / BLOCK;
+    let mut reqs = vec![0u8; REQ * a.batch];
+    let mut out = vec![0u8; REPLY * a.batch];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15; // xorshift state: random 4K offsets
+    let run = Duration::from_secs(a.seconds);
+    let (t0, c0) = (Instant::now(), cpu_ticks());
+    let mut done = 0u64;
+    while t0.elapsed() < run {
+        s.read_exact(&mut reqs)?;
+        for i in 0..a.batch {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = (x % blocks) as usize;
+            let (k, off) = (b / per_stripe, (b % per_stripe) * BLOCK);
+            let r = &mut out[i * REPLY..(i + 1) * REPLY];
+            r[..16].copy_from_slice(&reqs[i * REQ..i * REQ + 16]);
+            r[16..].copy_from_slice(&stripes[k][off..off + BLOCK]);
+        }
+        s.write_all(&out)?;
+        done += a.batch as u64;
+    }
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks() - c0);
+    drop(s);
+    let _ = child.wait();
+    // Kernel clock ticks: 100 per second on Linux (USER_HZ).
+    let cpu_us = ticks as f64 * 10_000.0;
+    println!(
+        "{:.0} requests/s, server CPU {:.2} µs per request (batch {}, depth {}, {} MiB)",
+        done as f64 / secs,
+        cpu_us / done as f64,
+        a.batch,
+        a.depth,
+        a.size_mib
+    );
+    Ok(())
+}

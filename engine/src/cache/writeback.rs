@@ -120,18 +120,23 @@ impl CacheSet {
     }
 
     /// How writeback may run now (one tail-guard tick): with writers waiting for space,
-    /// full window and no pacing whatever the foreground; else what the guard allows (a
-    /// window of at least 4 while a drain was asked for, so a flush or detach under load
-    /// still finishes).
+    /// full window and no pacing whatever the foreground; else what the guard allows — while
+    /// a drain was asked for, a window of at least 4 and no pause between runs, so a flush
+    /// or detach under load finishes at a useful rate. Measured under a QD1 reader: with
+    /// the guard's pauses (up to 20 ms per run) a drain moved 7-12 MiB/s at 1.13-1.22x the
+    /// reader's idle p99; pauses capped at 1 ms, 28 MiB/s at 1.9-2.2x; none, 156-179 MiB/s
+    /// at 2.3-2.6x.
     pub(crate) fn writeback_pacing(&self) -> WritebackPacing {
-        let min = if self.drain_requested.load(Ordering::Acquire) { 4 } else { 1 };
+        let drain = self.drain_requested.load(Ordering::Acquire);
+        let min = if drain { 4 } else { 1 };
         let wb_ios = self.wb_ios.load(Ordering::Relaxed);
         let mut g = self.tail_guard.lock().unwrap_or_else(|e| e.into_inner());
         let window = g.tick(&self.fg, wb_ios, std::time::Instant::now(), min);
         if self.wb_space_urgent.load(Ordering::Acquire) {
             return WritebackPacing { window: super::tail_guard::MAX_WINDOW, pace: Duration::ZERO, fg_reads: false };
         }
-        WritebackPacing { window, pace: g.pace(), fg_reads: g.reads_active() }
+        let pace = if drain { Duration::ZERO } else { g.pace() };
+        WritebackPacing { window, pace, fg_reads: g.reads_active() }
     }
 
     /// Live dirty blocks in the whole set.

@@ -54,7 +54,7 @@ for m in modes.split():
     g = d["cache"].get("tail_guard") or {}
     print(f"{name} round {r} {m}: p99 {p99:.1f} / idle {idle:.1f} = {p99 / idle:.2f}x; "
           f"{wb:,} blocks written back ({wb * 4 / 1024 / d['elapsed_s']:.1f} MiB/s); "
-          f"guard baseline {g.get('baseline_p99_us')} us over {g.get('intervals_baseline')} intervals, window {g.get('window')}, pace {g.get('pace_us')} us")
+          f"guard baseline {g.get('baseline_read_p99_us')} us over {g.get('intervals_baseline')} intervals, window {g.get('window')}, pace {g.get('pace_us')} us")
 PY
     done
 done | tee "$OUT/summary.txt"

@@ -545,19 +545,11 @@ impl CachedTarget {
 
     /// The tail guard at the end of the job, with the decisions of the job's intervals.
     fn guard_json(&self) -> serde_json::Value {
-        let Some(end) = self.guard_end else { return serde_json::Value::Null };
-        let d0 = self.guard_start.map(|g| g.decisions).unwrap_or_default();
-        let d = end.decisions;
-        serde_json::json!({
-            "window": end.window,
-            "pace_us": end.pace.as_micros() as u64,
-            "baseline_p99_us": end.baseline_p99_ns.map(|b| round3(b / 1000.0)),
-            "last_p99_us": end.last_p99_ns.map(|p| round3(p as f64 / 1000.0)),
-            "intervals_baseline": d.baseline - d0.baseline,
-            "intervals_over": d.over - d0.over,
-            "intervals_within": d.within - d0.within,
-            "intervals_no_reads": d.no_reads - d0.no_reads,
-        })
+        let Some(mut g) = self.guard_end else { return serde_json::Value::Null };
+        if let Some(start) = self.guard_start {
+            g.decisions = g.decisions.since(start.decisions);
+        }
+        g.to_json()
     }
 
     /// Live and dirty blocks over every segment.

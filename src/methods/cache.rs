@@ -585,28 +585,12 @@ async fn get_stats(t: &Arc<Target>, name: &str) -> Result<Value, RpcError> {
                 Decision::Unlimited => json!("unlimited"),
                 Decision::Rate(r) => json!(r as u64),
             },
-            "writeback_guard": guard_json(&set.tail_guard_state()),
+            "writeback_guard": set.tail_guard_state().to_json(),
         },
         "counters": Value::Object(ctr),
         "latency_us": latency,
         "io": iostat_json(name, &io),
     }))
-}
-
-/// The writeback tail guard: writeback I/Os allowed in flight while the foreground reads,
-/// the pause between writeback runs, the foreground read p99 it protects and how its
-/// intervals decided.
-fn guard_json(g: &tiercache_engine::cache::tail_guard::GuardState) -> Value {
-    json!({
-        "window": g.window,
-        "pace_us": g.pace.as_micros() as u64,
-        "baseline_read_p99_us": g.baseline_p99_ns.map(|b| (b / 1000.0).round() as u64),
-        "last_read_p99_us": g.last_p99_ns.map(|p| p / 1000),
-        "intervals_baseline": g.decisions.baseline,
-        "intervals_over": g.decisions.over,
-        "intervals_within": g.decisions.within,
-        "intervals_no_reads": g.decisions.no_reads,
-    })
 }
 
 /// Every counter of the set, by name. The destructuring names every field, so a counter

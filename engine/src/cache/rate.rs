@@ -104,8 +104,7 @@ impl RateController {
     }
 }
 
-/// Buckets of the foreground read-latency histogram: four per power of two from 1 µs
-/// (below: bucket 0) up to ~17 s (above: the last bucket).
+/// Buckets of the foreground read-latency histogram (see [`bucket`]).
 pub const LAT_BUCKETS: usize = 128;
 /// Sub-buckets per power of two (12.5% wide: the tail guard compares p99s 25% apart,
 /// and 4 sub-buckets — 25% steps — made one interval's p99 jump a whole bar).

@@ -102,6 +102,36 @@ pub struct GuardState {
     pub decisions: GuardDecisions,
 }
 
+impl GuardDecisions {
+    /// The decisions taken since `earlier` (a snapshot of the same guard).
+    pub fn since(self, earlier: GuardDecisions) -> GuardDecisions {
+        GuardDecisions {
+            baseline: self.baseline.saturating_sub(earlier.baseline),
+            over: self.over.saturating_sub(earlier.over),
+            within: self.within.saturating_sub(earlier.within),
+            no_reads: self.no_reads.saturating_sub(earlier.no_reads),
+        }
+    }
+}
+
+impl GuardState {
+    /// The statistics form (`bdev_cache_get_stats` `writeback_guard`, tiercache-perf's
+    /// `tail_guard`): latencies in whole µs.
+    pub fn to_json(&self) -> serde_json::Value {
+        let d = &self.decisions;
+        serde_json::json!({
+            "window": self.window,
+            "pace_us": self.pace.as_micros() as u64,
+            "baseline_read_p99_us": self.baseline_p99_ns.map(|b| (b / 1000.0).round() as u64),
+            "last_read_p99_us": self.last_p99_ns.map(|p| (p + 500) / 1000),
+            "intervals_baseline": d.baseline,
+            "intervals_over": d.over,
+            "intervals_within": d.within,
+            "intervals_no_reads": d.no_reads,
+        })
+    }
+}
+
 impl Default for TailGuard {
     fn default() -> Self {
         TailGuard {
@@ -430,5 +460,26 @@ mod tests {
         let t = t0 + INTERVAL * 3 + Duration::from_millis(1);
         assert_eq!(g.tick(&fg, 50, t, 1), 1);
         assert_eq!(g.tick(&fg, 60, t + Duration::from_millis(1), 2), 2, "the caller's minimum still holds");
+    }
+
+    #[test]
+    fn the_statistics_form_counts_decisions_since_a_snapshot() {
+        let fg = [FgStat::default()];
+        let mut g = TailGuard::default();
+        let t0 = Instant::now();
+        let before = g.state();
+        for k in 1..=3u32 {
+            feed(&fg[0], 80_400, 500);
+            g.tick(&fg, 0, t0 + INTERVAL * k, 1);
+        }
+        let mut now = g.state();
+        now.decisions = now.decisions.since(before.decisions);
+        let j = now.to_json();
+        // Three quiet intervals: the first unsettled, two baselines.
+        assert_eq!(j["intervals_baseline"], serde_json::json!(2), "{j}");
+        assert_eq!(j["intervals_over"], serde_json::json!(0), "{j}");
+        let b = j["baseline_read_p99_us"].as_u64().unwrap();
+        assert!((80..=82).contains(&b), "{j}");
+        assert_eq!(now.decisions.since(now.decisions), GuardDecisions::default());
     }
 }

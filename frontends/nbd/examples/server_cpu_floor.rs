@@ -10,6 +10,11 @@
 //! Blocking sockets mean the server sleeps in the kernel whenever it waits, as a reactor
 //! does when it has nothing to do.
 //!
+//! That client hands the server whole batches, which fio does not: `--single-sends`
+//! makes the client send each request on its own and the next one as each reply comes in
+//! (one TCP segment per request, as libnbd under fio sends them), and the server take
+//! whatever has arrived per `read`, after sleeping `--hold-us` to let requests gather.
+//!
 //! Printed: requests per second and the server's CPU (utime + stime of this process,
 //! from /proc/self/stat) per request. Compare with `scripts/bench-nbd.sh`'s "server CPU
 //! µs/I/O" (docs/benchmarks.md, NBD).
@@ -17,6 +22,7 @@
 //! ```sh
 //! cargo build --release -p tiercache-nbd --example server_cpu_floor
 //! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5
+//! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5 --single-sends --batch 32 --hold-us 20
 //! ```
 
 use std::io::{Read, Write};
@@ -52,6 +58,15 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 1)]
     client_core: usize,
+    /// Traffic as fio's nbd engine sends it: the client writes each request on its own
+    /// (one TCP segment each) and sends the next one as each reply arrives, and the
+    /// server takes whatever has arrived per `read` instead of whole batches.
+    #[arg(long)]
+    single_sends: bool,
+    /// With `--single-sends`: how long the server sleeps before each `read` so that
+    /// requests gather (the NBD server's receive hold); 0: read at once.
+    #[arg(long, default_value_t = 0)]
+    hold_us: u64,
 }
 
 fn main() -> std::io::Result<()> {
@@ -74,6 +89,18 @@ fn client(addr: &str, a: &Args) -> std::io::Result<()> {
     let mut replies = vec![0u8; REPLY * a.batch];
     for _ in 0..a.depth / a.batch {
         s.write_all(&reqs)?;
+    }
+    if a.single_sends {
+        let one = vec![0u8; REQ];
+        let mut reply = vec![0u8; REPLY];
+        for _ in 0..a.depth {
+            s.write_all(&one)?;
+        }
+        loop {
+            if s.read_exact(&mut reply).is_err() || s.write_all(&one).is_err() {
+                return Ok(());
+            }
+        }
     }
     loop {
         if s.read_exact(&mut replies).is_err() {
@@ -102,6 +129,7 @@ fn server(a: &Args) -> std::io::Result<()> {
         .arg(a.client_core.to_string())
         .arg(exe)
         .args(["--client", &addr, "--depth", &a.depth.to_string(), "--batch", &a.batch.to_string()])
+        .args(a.single_sends.then_some("--single-sends"))
         .stdin(Stdio::null())
         .spawn()?;
     let (mut s, _) = l.accept()?;
@@ -120,9 +148,29 @@ fn server(a: &Args) -> std::io::Result<()> {
     let run = Duration::from_secs(a.seconds);
     let (t0, c0) = (Instant::now(), cpu_ticks());
     let mut done = 0u64;
+    // --single-sends: requests received so far (a read may end inside one).
+    let mut rx = vec![0u8; REQ * a.depth];
+    let mut have = 0usize;
     while t0.elapsed() < run {
-        s.read_exact(&mut reqs)?;
-        for i in 0..a.batch {
+        let n = if a.single_sends {
+            if a.hold_us > 0 {
+                std::thread::sleep(Duration::from_micros(a.hold_us));
+            }
+            let got = s.read(&mut rx[have..])?;
+            if got == 0 {
+                break;
+            }
+            have += got;
+            let n = (have / REQ).min(a.batch);
+            reqs[..n * REQ].copy_from_slice(&rx[..n * REQ]);
+            rx.copy_within(n * REQ..have, 0);
+            have -= n * REQ;
+            n
+        } else {
+            s.read_exact(&mut reqs)?;
+            a.batch
+        };
+        for i in 0..n {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
@@ -132,8 +180,8 @@ fn server(a: &Args) -> std::io::Result<()> {
             r[..16].copy_from_slice(&reqs[i * REQ..i * REQ + 16]);
             r[16..].copy_from_slice(&stripes[k][off..off + BLOCK]);
         }
-        s.write_all(&out)?;
-        done += a.batch as u64;
+        s.write_all(&out[..n * REPLY])?;
+        done += n as u64;
     }
     let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks() - c0);
     drop(s);

@@ -60,8 +60,11 @@ const COALESCE_MAX: usize = 16;
 const COALESCE_BYTES: usize = 64 << 10;
 /// ... and a reply waits at most this long for others to join it.
 const COALESCE_HOLD: Duration = Duration::from_micros(100);
-/// A reader whose client keeps a deep pipeline (coalescing target at least
-/// `RECV_HOLD_MIN_TARGET`) waits this long before each receive.
+/// A reader on TCP whose client keeps a deep pipeline (coalescing target at least
+/// `RECV_HOLD_MIN_TARGET`) waits this long before each receive. Not on a Unix socket:
+/// there the same hold cost 25–35% of fio's 4K IOPS (150–180k against 220–245k without
+/// it, docs/benchmarks.md, NBD, session 6), while on TCP, dropping it costs 30–80% more
+/// server CPU per I/O.
 const RECV_HOLD: Duration = Duration::from_micros(40);
 const RECV_HOLD_MIN_TARGET: usize = 4;
 /// Requests moving more than this many bytes are neither held nor make replies wait.
@@ -130,6 +133,8 @@ struct Conn {
     window_admits: Cell<u32>,
     /// The last admitted request moved at most [`HOLD_MAX_IO`] bytes.
     small_io: Cell<bool>,
+    /// Hold receives for a deep pipeline ([`RECV_HOLD`]): TCP connections only.
+    recv_hold: bool,
 }
 
 impl Conn {
@@ -693,6 +698,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &Arc<ConnCtl>) -> Result<(), String> {
         window_peak: Cell::new(0),
         window_admits: Cell::new(0),
         small_io: Cell::new(true),
+        recv_hold: matches!(ctl.sock, super::Sock::Tcp(_)),
     });
     let writer_task = reactor::spawn(writer(conn.clone()));
     let mut cur = None;
@@ -858,7 +864,12 @@ async fn transmission(
         }
 
         // ---- receive more ----
-        if pending.is_none() && sleep.is_none() && cur.is_none() && conn.coalesce_target() >= RECV_HOLD_MIN_TARGET {
+        if conn.recv_hold
+            && pending.is_none()
+            && sleep.is_none()
+            && cur.is_none()
+            && conn.coalesce_target() >= RECV_HOLD_MIN_TARGET
+        {
             // A client keeping a deep pipeline sends its requests one by one; reading each
             // as it arrives costs a receive (and a poll wake-up) per request. Let a few
             // gather first. The held replies bound how long the client can be starved.

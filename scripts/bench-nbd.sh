@@ -9,14 +9,18 @@
 # 128K sequential read / write at QD 32, each with JOBS client connections (fio numjobs,
 # every job its own NBD connection at QD 32, all on FIO_CORE; default "1 4": one client
 # connection, then four). Each (server, workload, jobs) is run RUNS times;
-# reported: median IOPS (min–max) and server CPU per I/O = Δ(utime+stime) of the
-# server process (all threads, /proc/PID/stat) / I/Os completed.
+# reported: median IOPS (min–max), server CPU per I/O = Δ(utime+stime) of the
+# server process (all threads, /proc/PID/stat) / I/Os completed, and client CPU per I/O =
+# the busy time of FIO_CORE (/proc/stat: everything but idle and iowait) / I/Os completed
+# (near 1e6/IOPS µs: the client's core is saturated, and the IOPS are the client's limit).
+# TRANSPORT=unix serves every server on a Unix socket instead of TCP on 127.0.0.1.
 #
 # Usage: scripts/bench-nbd.sh [RUNTIME_SECONDS=5] [RUNS=3]
 # Env:   SERVER_CORE (0), FIO_CORE (1), SIZE_MIB (1024), OUT (results file, markdown),
 #        IDLE_US (0: tiercache reactor idle threshold in µs), SERVERS (the server list),
 #        JOBS (client connections per run, a list: "1 4"), WORKLOADS ("randread:4k ..."),
-#        BENCH_BIN (a prebuilt nbd_bench_server, e.g. of an older commit; default: build it)
+#        BENCH_BIN (a prebuilt nbd_bench_server, e.g. of an older commit; default: build it),
+#        TRANSPORT (tcp or unix; default tcp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +32,8 @@ SIZE_MIB=${SIZE_MIB:-1024}
 OUT=${OUT:-/tmp/bench-nbd-results.md}
 IDLE_US=${IDLE_US:-0}
 JOBS=${JOBS:-"1 4"}
+TRANSPORT=${TRANSPORT:-tcp}
+case "$TRANSPORT" in tcp | unix) ;; *) echo "TRANSPORT must be tcp or unix" >&2; exit 2 ;; esac
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-nbdsrv}
 WORK=$(mktemp -d /tmp/bench-nbd.XXXXXX)
 SERVER_PID=""
@@ -61,35 +67,43 @@ wait_ready() { # uri
   exit 1
 }
 
+sock_path() { echo "$WORK/nbd.$PORT.sock"; }
+listen_arg() { if [ "$TRANSPORT" = unix ]; then echo "unix:$(sock_path)"; else echo "127.0.0.1:$PORT"; fi; }
+uri_for() { # export name
+  if [ "$TRANSPORT" = unix ]; then echo "nbd+unix:///$1?socket=$(sock_path)"; else echo "nbd://127.0.0.1:$PORT/$1"; fi
+}
+
 start_server() { # name -> sets SERVER_PID, URI
   PORT=$((PORT + 1))
   case "$1" in
     tiercache/malloc)
       # stdin: a fifo nobody writes to, so the server runs until killed.
       mkfifo "$WORK/stdin.$PORT"
-      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
+      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "$(listen_arg)" --cores "$SERVER_CORE" \
         --size-mib "$SIZE_MIB" --idle-threshold-us "$IDLE_US" --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
       exec 9>"$WORK/stdin.$PORT"
-      URI="nbd://127.0.0.1:$PORT/bench" ;;
+      URI=$(uri_for bench) ;;
     tiercache/cached)
       mkfifo "$WORK/stdin.$PORT"
-      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "127.0.0.1:$PORT" --cores "$SERVER_CORE" \
+      taskset -c "$SERVER_CORE" "$BENCH_BIN" --listen "$(listen_arg)" --cores "$SERVER_CORE" \
         --size-mib "$SIZE_MIB" --idle-threshold-us "$IDLE_US" --cached --name bench <"$WORK/stdin.$PORT" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
       exec 9>"$WORK/stdin.$PORT"
-      URI="nbd://127.0.0.1:$PORT/bench" ;;
+      URI=$(uri_for bench) ;;
     nbdkit/memory)
-      taskset -c "$SERVER_CORE" nbdkit -f -i 127.0.0.1 -p "$PORT" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
+      if [ "$TRANSPORT" = unix ]; then where=(-U "$(sock_path)"); else where=(-i 127.0.0.1 -p "$PORT"); fi
+      taskset -c "$SERVER_CORE" nbdkit -f "${where[@]}" memory "${SIZE_MIB}M" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
-      URI="nbd://127.0.0.1:$PORT/" ;;
+      URI=$(uri_for "") ;;
     qemu-nbd/file)
       rm -f "$WORK/disk.raw"
       truncate -s "${SIZE_MIB}M" "$WORK/disk.raw"
-      taskset -c "$SERVER_CORE" qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$PORT" -t -e 16 \
+      if [ "$TRANSPORT" = unix ]; then where=(-k "$(sock_path)"); else where=(-b 127.0.0.1 -p "$PORT"); fi
+      taskset -c "$SERVER_CORE" qemu-nbd -f raw -x bench "${where[@]}" -t -e 16 \
         "$WORK/disk.raw" >"$WORK/server.log" 2>&1 &
       SERVER_PID=$!
-      URI="nbd://127.0.0.1:$PORT/bench" ;;
+      URI=$(uri_for bench) ;;
   esac
   wait_ready "$URI"
 }
@@ -102,6 +116,8 @@ stop_server() {
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Busy ticks of one core: user nice system irq softirq steal (not idle, not iowait).
+core_ticks() { awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 
 # fio_run uri rw bs jobs -> prints "iops ios" (all jobs together)
 fio_run() {
@@ -133,11 +149,12 @@ for s in $SERVERS; do
     rw=${w%%:*}; bs=${w##*:}
     for j in $JOBS; do
       for r in $(seq 1 "$RUNS"); do
-        c0=$(cpu_ticks "$SERVER_PID")
+        c0=$(cpu_ticks "$SERVER_PID"); f0=$(core_ticks "$FIO_CORE")
         read -r iops ios < <(fio_run "$URI" "$rw" "$bs" "$j")
-        c1=$(cpu_ticks "$SERVER_PID")
+        c1=$(cpu_ticks "$SERVER_PID"); f1=$(core_ticks "$FIO_CORE")
         us=$(python3 -c "print(($c1 - $c0) * 1e6 / $TICK_HZ / max(1, $ios))")
-        printf '%s\t%s %s QD32 x%s\t%s\t%s\t%s\n' "$s" "$rw" "$bs" "$j" "$r" "$iops" "$us" | tee -a "$WORK/raw.tsv"
+        cus=$(python3 -c "print(($f1 - $f0) * 1e6 / $TICK_HZ / max(1, $ios))")
+        printf '%s\t%s %s QD32 x%s\t%s\t%s\t%s\t%s\n' "$s" "$rw" "$bs" "$j" "$r" "$iops" "$us" "$cus" | tee -a "$WORK/raw.tsv"
       done
     done
   done
@@ -145,22 +162,23 @@ for s in $SERVERS; do
 done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$WORK/raw.tsv" "$OUT" "$RUNTIME" "$RUNS" "$LOAD_START" "$LOAD_END" <<'EOF'
+python3 - "$WORK/raw.tsv" "$OUT" "$RUNTIME" "$RUNS" "$LOAD_START" "$LOAD_END" "$TRANSPORT" <<'EOF'
 import statistics, sys, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 data = collections.OrderedDict()
-for s, w, r, iops, us in rows:
-    data.setdefault(w, collections.OrderedDict()).setdefault(s, []).append((float(iops), float(us)))
+for s, w, r, iops, us, cus in rows:
+    data.setdefault(w, collections.OrderedDict()).setdefault(s, []).append((float(iops), float(us), float(cus)))
 out = []
 out.append(f"fio runtime {sys.argv[3]} s, {sys.argv[4]} runs per cell: median (min–max); "
-           f"load average at start {sys.argv[5]}, at end {sys.argv[6]}\n")
-out.append("| workload (xN: client connections) | server | IOPS | server CPU µs/I/O |")
-out.append("|---|---|---|---|")
+           f"transport {sys.argv[7]}; load average at start {sys.argv[5]}, at end {sys.argv[6]}\n")
+out.append("| workload (xN: client connections) | server | IOPS | server CPU µs/I/O | client core µs/I/O |")
+out.append("|---|---|---|---|---|")
 for w, servers in data.items():
     for s, v in servers.items():
-        i = [x[0] for x in v]; c = [x[1] for x in v]
+        i = [x[0] for x in v]; c = [x[1] for x in v]; f = [x[2] for x in v]
         out.append(f"| {w} | {s} | {statistics.median(i):,.0f} ({min(i):,.0f}–{max(i):,.0f}) | "
-                   f"{statistics.median(c):.2f} ({min(c):.2f}–{max(c):.2f}) |")
+                   f"{statistics.median(c):.2f} ({min(c):.2f}–{max(c):.2f}) | "
+                   f"{statistics.median(f):.2f} ({min(f):.2f}–{max(f):.2f}) |")
 for w, servers in data.items():
     if "tiercache/malloc" in servers and "nbdkit/memory" in servers:
         a = statistics.median(x[0] for x in servers["tiercache/malloc"])

@@ -123,6 +123,39 @@ fn long_sequential_streams_bypass_the_cache() {
 }
 
 #[test]
+fn interleaved_sequential_streams_each_reach_the_cutoff() {
+    // Two sequential readers on one reactor (two NBD connections, two fio jobs), their
+    // 128 KiB requests alternating: each is a stream past the cutoff, so at most the first
+    // cutoff of each is promoted (a detector that follows one stream saw every request
+    // as a jump and promoted all 8 MiB). Then two interleaved writers go around the cache.
+    let cutoff = 1 << 20;
+    let r = rig(CacheMode::WriteBack, CacheOptions { promote_after: 1, seq_cutoff_bytes: cutoff, ..opts() }, 16);
+    let second = 2048u64; // block 2048: 8 MiB in
+    for i in 0..32u64 {
+        r.read(0, i * 32, 32);
+        r.read(0, second + i * 32, 32);
+    }
+    let promoted = r.promotions();
+    assert!(promoted > 0 && promoted <= 2 * (cutoff / BS as u64), "promoted {promoted} blocks of two sequential scans");
+    let bypass = r.set.counters.seq_bypasses.load(Ordering::Relaxed);
+    let d = r.desc.clone();
+    r.rs.block_on(1, move || async move {
+        let ch = d.channel().unwrap();
+        for i in 0..24u64 {
+            for base in [0, second * BS as u64] {
+                let buf = IoBuf::from_slice(&vec![9u8; 128 * 1024]);
+                ch.write(base + i * 128 * 1024, buf, false).await.status.unwrap();
+            }
+        }
+    })
+    .unwrap();
+    let bypassed = r.set.counters.seq_bypasses.load(Ordering::Relaxed) - bypass;
+    assert!(bypassed >= 2 * (24 - 8), "only {bypassed} of the 48 interleaved writes went around the cache");
+    assert_eq!(r.read(0, second + 24 * 32 - 1, 1), vec![9u8; BS]);
+    r.done();
+}
+
+#[test]
 fn a_one_time_scan_does_not_evict_the_hot_set() {
     let r = rig(CacheMode::WriteBack, CacheOptions { promote_after: 2, ..opts() }, 64);
     let hot: Vec<u64> = (0..40).map(|i| i * 7 + 3).collect();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NBD server benchmark: the same fio jobs (ioengine=nbd) against
 #   tiercache/malloc   tiercache exporting a malloc bdev (examples/nbd_bench_server)
-#   tiercache/cached   tiercache exporting a write-back cached bdev (cache + backing on malloc)
+#   tiercache/cached   tiercache exporting a write-back cached bdev (cache + backing on malloc;
+#                      the cache bdev written once before formatting: no first-touch faults)
 #   nbdkit/memory      nbdkit -f memory 1G
 #   qemu-nbd/file      qemu-nbd on a raw file on the root filesystem (page cache)
 # Server pinned to core 0, fio to core 1. tiercache runs with IDLE_US (default 0): its reactor

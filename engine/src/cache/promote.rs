@@ -81,7 +81,7 @@ impl MissTracker {
     }
 }
 
-/// Streams a [`StreamDetector`] follows at once (bcache keeps 64 per cache set).
+/// Streams a [`StreamDetector`] follows at once (bcache keeps 64 per backing device).
 pub const TRACKED_STREAMS: usize = 16;
 
 #[derive(Clone, Copy, Default)]

@@ -14,6 +14,9 @@
 //! makes the client send each request on its own and the next one as each reply comes in
 //! (one TCP segment per request, as libnbd under fio sends them), and the server take
 //! whatever has arrived per `read`, after sleeping `--hold-us` to let requests gather.
+//! `--uring` serves that traffic the way a reactor can at its cheapest: one io_uring with a
+//! receive and a send in flight, and one `io_uring_enter` per wake-up that submits both
+//! and waits, instead of a blocking `read` and `write`.
 //!
 //! Printed: requests per second and the server's CPU (utime + stime of this process,
 //! from /proc/self/stat) per request. Compare with `scripts/bench-nbd.sh`'s "server CPU
@@ -23,6 +26,7 @@
 //! cargo build --release -p tiercache-nbd --example server_cpu_floor
 //! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5
 //! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5 --single-sends --batch 32 --hold-us 20
+//! taskset -c 0 target/release/examples/server_cpu_floor --seconds 5 --single-sends --batch 32 --uring
 //! ```
 
 use std::io::{Read, Write};
@@ -67,6 +71,11 @@ struct Args {
     /// requests gather (the NBD server's receive hold); 0: read at once.
     #[arg(long, default_value_t = 0)]
     hold_us: u64,
+    /// With `--single-sends`: serve through one io_uring, a receive and a send in flight and
+    /// one `io_uring_enter` per wake-up that submits and waits, instead of blocking
+    /// `read` / `write`.
+    #[arg(long, requires = "single_sends")]
+    uring: bool,
 }
 
 fn main() -> std::io::Result<()> {
@@ -135,23 +144,78 @@ fn server(a: &Args) -> std::io::Result<()> {
     let (mut s, _) = l.accept()?;
     s.set_nodelay(true)?;
 
-    // Touch the whole buffer first, as a filled RAM bdev is.
-    let stripe = if a.stripe_mib == 0 { a.size_mib << 20 } else { a.stripe_mib << 20 };
-    let stripes: Vec<Vec<u8>> = (0..(a.size_mib << 20) / stripe)
-        .map(|k| (0..stripe).map(|i| ((k * stripe + i) >> 12) as u8).collect())
-        .collect();
-    let blocks = ((a.size_mib << 20) / BLOCK) as u64;
-    let per_stripe = stripe / BLOCK;
-    let mut reqs = vec![0u8; REQ * a.batch];
-    let mut out = vec![0u8; REPLY * a.batch];
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15; // xorshift state: random 4K offsets
+    let mut store = Store::new(a);
     let run = Duration::from_secs(a.seconds);
     let (t0, c0) = (Instant::now(), cpu_ticks());
-    let mut done = 0u64;
+    let (done, enters) = if a.uring {
+        serve_uring(&s, a, &mut store, t0 + run)?
+    } else {
+        serve_blocking(&mut s, a, &mut store, t0 + run)?
+    };
+    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks() - c0);
+    drop(s);
+    let _ = child.wait();
+    // Kernel clock ticks: 100 per second on Linux (USER_HZ).
+    let cpu_us = ticks as f64 * 10_000.0;
+    println!(
+        "{:.0} requests/s, server CPU {:.2} µs per request, {:.2} syscalls per request ({}, batch {}, depth {}, {} MiB)",
+        done as f64 / secs,
+        cpu_us / done as f64,
+        enters as f64 / done.max(1) as f64,
+        if a.uring { "io_uring" } else { "blocking read/write" },
+        a.batch,
+        a.depth,
+        a.size_mib
+    );
+    Ok(())
+}
+
+/// The RAM the replies are copied from, touched up front as a filled RAM bdev is, and the
+/// generator of the random 4K offsets.
+struct Store {
+    stripes: Vec<Vec<u8>>,
+    blocks: u64,
+    per_stripe: usize,
+    x: u64,
+}
+
+impl Store {
+    fn new(a: &Args) -> Store {
+        let stripe = if a.stripe_mib == 0 { a.size_mib << 20 } else { a.stripe_mib << 20 };
+        let stripes: Vec<Vec<u8>> = (0..(a.size_mib << 20) / stripe)
+            .map(|k| (0..stripe).map(|i| ((k * stripe + i) >> 12) as u8).collect())
+            .collect();
+        Store {
+            stripes,
+            blocks: ((a.size_mib << 20) / BLOCK) as u64,
+            per_stripe: stripe / BLOCK,
+            x: 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    /// Write the reply to the 28-byte request `req` into `out` (`REPLY` bytes): its first 16
+    /// bytes as the header, then 4K from a random block.
+    fn reply(&mut self, req: &[u8], out: &mut [u8]) {
+        debug_assert!(req.len() == REQ && out.len() == REPLY);
+        self.x ^= self.x << 13;
+        self.x ^= self.x >> 7;
+        self.x ^= self.x << 17;
+        let b = (self.x % self.blocks) as usize;
+        let (k, off) = (b / self.per_stripe, (b % self.per_stripe) * BLOCK);
+        out[..16].copy_from_slice(&req[..16]);
+        out[16..].copy_from_slice(&self.stripes[k][off..off + BLOCK]);
+    }
+}
+
+/// Blocking `read` and `write`: two syscalls per wake-up. Returns (requests, syscalls).
+fn serve_blocking(s: &mut TcpStream, a: &Args, store: &mut Store, end: Instant) -> std::io::Result<(u64, u64)> {
+    let mut reqs = vec![0u8; REQ * a.batch];
+    let mut out = vec![0u8; REPLY * a.batch];
+    let (mut done, mut calls) = (0u64, 0u64);
     // --single-sends: requests received so far (a read may end inside one).
     let mut rx = vec![0u8; REQ * a.depth];
     let mut have = 0usize;
-    while t0.elapsed() < run {
+    while Instant::now() < end {
         let n = if a.single_sends {
             if a.hold_us > 0 {
                 std::thread::sleep(Duration::from_micros(a.hold_us));
@@ -171,30 +235,99 @@ fn server(a: &Args) -> std::io::Result<()> {
             a.batch
         };
         for i in 0..n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let b = (x % blocks) as usize;
-            let (k, off) = (b / per_stripe, (b % per_stripe) * BLOCK);
-            let r = &mut out[i * REPLY..(i + 1) * REPLY];
-            r[..16].copy_from_slice(&reqs[i * REQ..i * REQ + 16]);
-            r[16..].copy_from_slice(&stripes[k][off..off + BLOCK]);
+            store.reply(&reqs[i * REQ..(i + 1) * REQ], &mut out[i * REPLY..(i + 1) * REPLY]);
         }
         s.write_all(&out[..n * REPLY])?;
+        calls += 2;
         done += n as u64;
     }
-    let (secs, ticks) = (t0.elapsed().as_secs_f64(), cpu_ticks() - c0);
-    drop(s);
-    let _ = child.wait();
-    // Kernel clock ticks: 100 per second on Linux (USER_HZ).
-    let cpu_us = ticks as f64 * 10_000.0;
-    println!(
-        "{:.0} requests/s, server CPU {:.2} µs per request (batch {}, depth {}, {} MiB)",
-        done as f64 / secs,
-        cpu_us / done as f64,
-        a.batch,
-        a.depth,
-        a.size_mib
-    );
-    Ok(())
+    Ok((done, calls))
+}
+
+const RECV_TAG: u64 = 1;
+const SEND_TAG: u64 = 2;
+
+/// One io_uring (single issuer, deferred task work), one receive and one send in flight at
+/// most, and a single `io_uring_enter` per wake-up that both submits and waits: the fewest
+/// syscalls a reactor can make for this traffic. Replies built while a send is in flight
+/// gather in a second buffer and go out together when it completes. Returns (requests,
+/// enters).
+fn serve_uring(s: &TcpStream, a: &Args, store: &mut Store, end: Instant) -> std::io::Result<(u64, u64)> {
+    use io_uring::{opcode, types, IoUring};
+    use std::os::fd::AsRawFd;
+    let mut ring: IoUring =
+        IoUring::builder().setup_single_issuer().setup_coop_taskrun().setup_defer_taskrun().build(16)?;
+    let fd = types::Fd(s.as_raw_fd());
+    // Never reallocated: the kernel holds raw pointers into them while an operation is in
+    // flight. At most `depth` requests are outstanding, so `depth` replies bound both.
+    let mut rx = vec![0u8; REQ * a.depth];
+    let mut have = 0usize;
+    let mut tx = vec![0u8; REPLY * a.depth];
+    let (mut tx_len, mut tx_off) = (0usize, 0usize);
+    let mut pend = vec![0u8; REPLY * a.depth];
+    let mut pend_len = 0usize;
+    let (mut recv_busy, mut send_busy) = (false, false);
+    let (mut done, mut enters) = (0u64, 0u64);
+    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(4);
+    while Instant::now() < end {
+        if !recv_busy {
+            if a.hold_us > 0 {
+                std::thread::sleep(Duration::from_micros(a.hold_us));
+            }
+            debug_assert!(have < rx.len(), "more than depth requests outstanding");
+            let e =
+                opcode::Recv::new(fd, rx[have..].as_mut_ptr(), (rx.len() - have) as u32).build().user_data(RECV_TAG);
+            // SAFETY: `rx` is neither moved, resized nor touched until this receive's
+            // completion is reaped below (`recv_busy` guards it), and lives past the loop.
+            unsafe { ring.submission().push(&e) }.map_err(|_| std::io::Error::other("SQ full"))?;
+            recv_busy = true;
+        }
+        if !send_busy && pend_len > 0 {
+            std::mem::swap(&mut tx, &mut pend);
+            (tx_len, tx_off, pend_len) = (pend_len, 0, 0);
+        }
+        if !send_busy && tx_off < tx_len {
+            let e = opcode::Send::new(fd, tx[tx_off..tx_len].as_ptr(), (tx_len - tx_off) as u32)
+                .build()
+                .user_data(SEND_TAG);
+            // SAFETY: `tx` is not swapped, resized or written while `send_busy` is set, and
+            // lives past the loop; the kernel only reads it.
+            unsafe { ring.submission().push(&e) }.map_err(|_| std::io::Error::other("SQ full"))?;
+            send_busy = true;
+        }
+        ring.submit_and_wait(1)?;
+        enters += 1;
+        cqes.clear();
+        cqes.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(tag, res) in &cqes {
+            if res < 0 {
+                return Err(std::io::Error::from_raw_os_error(-res));
+            }
+            let res = res as usize;
+            match tag {
+                RECV_TAG => {
+                    recv_busy = false;
+                    if res == 0 {
+                        return Ok((done, enters));
+                    }
+                    have += res;
+                    let n = have / REQ;
+                    for i in 0..n {
+                        let out = &mut pend[pend_len..pend_len + REPLY];
+                        store.reply(&rx[i * REQ..(i + 1) * REQ], out);
+                        pend_len += REPLY;
+                    }
+                    rx.copy_within(n * REQ..have, 0);
+                    have -= n * REQ;
+                    done += n as u64;
+                }
+                SEND_TAG => {
+                    send_busy = false;
+                    tx_off += res;
+                }
+                _ => debug_assert!(false, "unknown completion tag {tag}"),
+            }
+        }
+    }
+    Ok((done, enters))
 }

@@ -11,20 +11,12 @@
 
 use std::time::Instant;
 
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tiercache_engine::cache::index::{BackingIdx, BlockIndex, BlockKey, EntryKind, Lba};
 
 const SEGMENTS: u32 = 1024;
 const SLOTS: u32 = 255;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 fn key(lba: u64) -> BlockKey {
     BlockKey::new(BackingIdx(0), Lba(lba)).expect("lba fits in 48 bits")
@@ -38,7 +30,7 @@ fn main() {
     let mut free = ix.take_unused(&mut r).expect("fresh index");
     let p = ix.register();
     let working_set = u64::from(SEGMENTS * SLOTS);
-    let mut rng = Rng(seed | 1);
+    let mut rng = SmallRng::seed_from_u64(seed);
 
     // Installs: every slot of every segment, random keys of the working set.
     let t = Instant::now();
@@ -46,7 +38,7 @@ fn main() {
     while let Some(f) = free.pop() {
         let open = ix.open_segment(f).expect("free segment opens");
         for i in 0..SLOTS {
-            let k = key(rng.next() % working_set);
+            let k = key(rng.gen_range(0..working_set));
             ix.install(&p, &open, i, k, EntryKind::Dirty).expect("newest version");
             installs += 1;
         }
@@ -58,13 +50,13 @@ fn main() {
     let t = Instant::now();
     let mut hits = 0u64;
     for _ in 0..rounds {
-        hits += u64::from(ix.lookup(&p, key(rng.next() % working_set)).is_some());
+        hits += u64::from(ix.lookup(&p, key(rng.gen_range(0..working_set))).is_some());
     }
     let lookup_ns = t.elapsed().as_nanos() as f64 / rounds as f64;
     let t = Instant::now();
     let mut misses = 0u64;
     for _ in 0..rounds {
-        misses += u64::from(ix.lookup(&p, key(working_set + rng.next() % working_set)).is_none());
+        misses += u64::from(ix.lookup(&p, key(rng.gen_range(working_set..2 * working_set))).is_none());
     }
     let miss_ns = t.elapsed().as_nanos() as f64 / rounds as f64;
     assert_eq!(misses, rounds, "keys outside the working set were never installed");

@@ -24,8 +24,9 @@ const NUM_CLASSES: usize = 11; // 4 KiB ..= 4 MiB
 /// freed. The same budget for every class, so the deep queues of large I/O stay pooled as
 /// well as small ones: 256 × 128 KiB covers eight NBD connections at QD 32 (with 64, four
 /// connections at 128 KiB freed and re-faulted half their buffers, which cost them 12% of
-/// their read IOPS over TCP and 42% over a Unix socket). A thread keeps at most `NUM_CLASSES` × this much memory, and only
-/// if its load once had that much of every size in flight.
+/// their read IOPS over TCP and 42% over a Unix socket). A thread keeps at most
+/// `NUM_CLASSES` × this much memory, and only if its load once had that much of every size
+/// in flight.
 const POOL_CLASS_BYTES: usize = 32 << 20;
 
 /// Free buffers kept in size class `class` per thread (at least 4 of the largest sizes).

@@ -282,7 +282,9 @@ fn serve_uring(s: &TcpStream, a: &Args, store: &mut Store, end: Instant) -> std:
             unsafe { ring.submission().push(&e) }.map_err(|_| std::io::Error::other("SQ full"))?;
             recv_busy = true;
         }
-        if !send_busy && pend_len > 0 {
+        // The next batch goes out only once the last one is sent whole (a short send
+        // leaves `tx_off < tx_len`, and its rest is sent first).
+        if !send_busy && tx_off == tx_len && pend_len > 0 {
             std::mem::swap(&mut tx, &mut pend);
             (tx_len, tx_off, pend_len) = (pend_len, 0, 0);
         }
